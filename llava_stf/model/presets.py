@@ -1,0 +1,133 @@
+"""Model presets: ``configs/model/*.yaml`` -> ``LlavaStfConfig`` on the real shapes, without any weights.
+
+A preset names a vision tower and an LLM from the shape tables below (the public architectures of
+``openai/clip-vit-large-patch14-336`` and ``lmsys/vicuna-{7,13}b-v1.5``) plus the projector settings. Tools that
+count FLOPs or parameters build the model on the meta device (:func:`build_meta_model`), which allocates nothing.
+
+Run ``python -m llava_stf.model.presets [NAME ...]`` to print each preset's image tokens and parameter counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .configuration_llava_stf import LlavaStfConfig
+from .modeling_llava_stf import LlavaStfForConditionalGeneration
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+
+# Architecture facts of the public checkpoints (config.json values), so presets need no download.
+VISION_TOWERS: dict[str, dict[str, Any]] = {
+    "clip-vit-large-patch14-336": dict(
+        hub_id="openai/clip-vit-large-patch14-336",
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    ),
+}
+LLMS: dict[str, dict[str, Any]] = {
+    "vicuna-7b-v1.5": dict(
+        hub_id="lmsys/vicuna-7b-v1.5",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+    "vicuna-13b-v1.5": dict(
+        hub_id="lmsys/vicuna-13b-v1.5",
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+}
+# Vicuna's 32000 tokens + <image> (id 32000), padded to a multiple of 64 as llava-hf does.
+VOCAB_SIZE, IMAGE_TOKEN_ID, PAD_TOKEN_ID = 32064, 32000, 0
+PRESET_KEYS = {"vision", "llm", "projector_type", "projector_kwargs", "vision_feature_layer"}
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _lookup(table: dict[str, dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    if name not in table:
+        raise KeyError(f"unknown {kind} {name!r} in preset; known: {sorted(table)}")
+    shapes = dict(table[name])
+    shapes.pop("hub_id")
+    return shapes
+
+
+def load_preset(name_or_path: str | Path) -> LlavaStfConfig:
+    """Config for a preset name (a file in ``configs/model``) or a path to a preset YAML."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no preset {name_or_path!r}; available: {list_presets()}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - PRESET_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; valid: {sorted(PRESET_KEYS)}")
+    vision = _lookup(VISION_TOWERS, "vision tower", spec["vision"])
+    text = _lookup(LLMS, "llm", spec["llm"])
+    return LlavaStfConfig(
+        vision_config=dict(model_type="clip_vision_model", **vision),
+        text_config=dict(model_type="llama", vocab_size=VOCAB_SIZE, pad_token_id=PAD_TOKEN_ID, **text),
+        image_token_index=IMAGE_TOKEN_ID,
+        projector_type=spec["projector_type"],
+        projector_kwargs=spec.get("projector_kwargs"),
+        vision_feature_layer=spec.get("vision_feature_layer"),
+    )
+
+
+def build_meta_model(name_or_path: str | Path | LlavaStfConfig) -> LlavaStfForConditionalGeneration:
+    """The full model on the meta device: real shapes and parameter counts, no memory."""
+    config = name_or_path if isinstance(name_or_path, LlavaStfConfig) else load_preset(name_or_path)
+    with torch.device("meta"):
+        return LlavaStfForConditionalGeneration(config)
+
+
+def parameter_counts(model: LlavaStfForConditionalGeneration) -> dict[str, int]:
+    parts = {
+        "vision_tower": model.model.vision_tower,
+        "projector": model.model.multi_modal_projector,
+        "llm": model.model.language_model,
+        "lm_head": model.lm_head,
+    }
+    return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help=f"presets (default: all of {PRESET_DIR})")
+    args = parser.parse_args(argv)
+    print(f"{'preset':28} {'projector':13} {'tokens':>6} {'projector params':>17} {'total params':>14}")
+    for name in args.names or list_presets():
+        model = build_meta_model(name)
+        counts = parameter_counts(model)
+        print(
+            f"{name:28} {model.config.projector_type:13} {model.config.num_image_tokens:>6} "
+            f"{counts['projector']:>17,} {sum(counts.values()):>14,}"
+        )
+
+
+if __name__ == "__main__":
+    main()
