@@ -36,6 +36,12 @@ class LlavaStfPreTrainedModel(LlavaPreTrainedModel):
     config_class = LlavaStfConfig
     config: LlavaStfConfig
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # transformers treats this package as custom code and then skips modules without direct parameters (such
+        # as a Projector), so reset_parameters would never run. Our _init_weights only uses transformers' guarded
+        # init functions (loaded tensors are left alone), so that shortcut is not needed.
+        super()._initialize_weights(module, is_custom_code=False)
+
     def _init_weights(self, module: nn.Module) -> None:
         # Children are initialised before their parent, so this replaces the generic normal(0.02) init of the
         # projector's layers with PyTorch's default (what LLaVA and the LLaVA-STF release train from). Tensors

@@ -121,7 +121,7 @@ class LlavaStfProcessor(ProcessorMixin):
         encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, padding=False, **kwargs)
         sequences = [self.expand_image_tokens(ids) for ids in encoded["input_ids"]]
         data: dict[str, Any] = self.pad(sequences) if padding or len(sequences) == 1 else {"input_ids": sequences}
-        if images is not None:
+        if n_images:
             data["pixel_values"] = self.preprocess_images(images)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
