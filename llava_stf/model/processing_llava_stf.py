@@ -93,6 +93,20 @@ class LlavaStfProcessor(ProcessorMixin):
                 out.append(int(tok))
         return out
 
+    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of one prompt with every ``<image>`` expanded, tokenized as LLaVA does.
+
+        The text is split on ``<image>`` and each chunk is tokenized on its own (only the first with special tokens),
+        so the text after an image starts a fresh word exactly as in LLaVA's training and evaluation (for
+        SentencePiece tokenizers this keeps the word-initial marker after the image).
+        """
+        chunks = text.split(self.image_token)
+        ids = list(self.tokenizer.encode(chunks[0], add_special_tokens=add_special_tokens))
+        for chunk in chunks[1:]:
+            ids += [self.image_token_id] * self.num_image_tokens
+            ids += self.tokenizer.encode(chunk, add_special_tokens=False)
+        return ids
+
     def __call__(
         self,
         images: Image.Image | Sequence[Image.Image] | None = None,
@@ -100,7 +114,6 @@ class LlavaStfProcessor(ProcessorMixin):
         return_tensors: str | None = "pt",
         padding: bool = True,
         add_special_tokens: bool = True,
-        **kwargs: Any,
     ) -> BatchFeature:
         """Tokenize ``text`` (one string or a batch), expand ``<image>`` and preprocess ``images``.
 
@@ -118,8 +131,7 @@ class LlavaStfProcessor(ProcessorMixin):
                 f"the text has {n_tags} {self.image_token!r} tag(s) but {n_images} image(s) were given; "
                 "each image needs exactly one tag"
             )
-        encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, padding=False, **kwargs)
-        sequences = [self.expand_image_tokens(ids) for ids in encoded["input_ids"]]
+        sequences = [self.encode_prompt(t, add_special_tokens) for t in texts]
         data: dict[str, Any] = self.pad(sequences) if padding or len(sequences) == 1 else {"input_ids": sequences}
         if n_images:
             data["pixel_values"] = self.preprocess_images(images)
