@@ -39,6 +39,9 @@ class LlavaStfProcessor(ProcessorMixin):
         num_image_tokens: placeholders per image; must equal ``model.config.num_image_tokens``.
         image_aspect_ratio: ``"pad"`` (LLaVA-1.5 stage 2 and evaluation) or ``"square"`` (stage 1).
         image_token: the placeholder string (``"<image>"``).
+        conversation_template: name of the conversation template the checkpoint was trained with (a key of
+            ``llava_stf.data.conversation.TEMPLATES``; ``"plain"`` after stage 1, ``"vicuna_v1"`` after stage 2).
+            Saved with the processor so chat and evaluation never guess it from a directory name.
         chat_template: optional Jinja chat template.
     """
 
@@ -51,6 +54,7 @@ class LlavaStfProcessor(ProcessorMixin):
         num_image_tokens: int = 576,
         image_aspect_ratio: str = "pad",
         image_token: str = "<image>",
+        conversation_template: str = "vicuna_v1",
         chat_template: str | None = None,
         **kwargs,
     ):
@@ -61,6 +65,7 @@ class LlavaStfProcessor(ProcessorMixin):
         self.num_image_tokens = num_image_tokens
         self.image_aspect_ratio = image_aspect_ratio
         self.image_token = image_token
+        self.conversation_template = conversation_template
         ids = tokenizer.convert_tokens_to_ids(image_token)
         if ids is None or ids == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no token {image_token!r}; add it as a special token first")

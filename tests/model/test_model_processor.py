@@ -259,3 +259,13 @@ def test_invalid_num_image_tokens_rejected(session_tokenizer):
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError, match="num_image_tokens"):
             LlavaStfProcessor(tiny_image_processor(), session_tokenizer, num_image_tokens=bad)
+
+
+def test_conversation_template_is_saved_with_the_processor(tmp_path, session_tokenizer):
+    from transformers import AutoProcessor
+
+    processor = tiny_processor(tiny_config(session_tokenizer), session_tokenizer)
+    assert processor.conversation_template == "vicuna_v1"
+    processor.conversation_template = "plain"
+    processor.save_pretrained(tmp_path)
+    assert AutoProcessor.from_pretrained(tmp_path).conversation_template == "plain"
