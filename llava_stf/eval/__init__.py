@@ -1,3 +1,10 @@
-"""Evaluation: one generation engine, a pure scoring library (``llava_stf.eval.scoring``) and one small declarative
-module per benchmark. Importing this package imports nothing heavy.
+"""Evaluation on LLaVA-1.5's nine benchmarks. Importing this package imports nothing heavy.
+
+- ``engine``: the only code that runs the model on benchmark questions (sharding, resume, pre-flight, merge);
+  it generates through ``llava_stf.generation.Generator``.
+- ``answers``: append-only part files per shard and the deterministic merge into the upstream answers file.
+- ``benchmarks``: one small declarative module per benchmark and the ``BENCHMARKS`` registry.
+- ``scoring``: LLaVA's official scoring rules as pure functions (no file I/O, no model).
+- ``results``: ``results.json`` per model and the paper-style table; ``xlsx``: the MMBench upload writer.
+- ``__main__``: ``python -m llava_stf.eval`` (see ``--help``).
 """

@@ -1,0 +1,35 @@
+"""The benchmark registry: one small declarative module per benchmark (``Benchmark`` specs, see ``base``).
+
+Adding a benchmark is one module plus one entry here. ``get_benchmark`` fails with the list of valid names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from .base import Benchmark, Options, Result
+from .gqa import GQA
+from .mmbench import MMBENCH, MMBENCH_CN
+from .mme import MME
+from .pope import POPE
+from .sqa import SQA
+from .textvqa import TEXTVQA
+from .vizwiz import VIZWIZ
+from .vqav2 import VQAV2
+
+# In the order of the paper's results table (MME last: reported separately, not in the average).
+BENCHMARKS: Mapping[str, Benchmark] = MappingProxyType(
+    {b.name: b for b in (GQA, SQA, TEXTVQA, POPE, MMBENCH, MMBENCH_CN, VQAV2, VIZWIZ, MME)}
+)
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """The benchmark registered as ``name``; an unknown name lists the valid ones."""
+    try:
+        return BENCHMARKS[name]
+    except KeyError:
+        raise ValueError(f"unknown benchmark {name!r}; valid benchmarks: {', '.join(BENCHMARKS)}") from None
+
+
+__all__ = ["BENCHMARKS", "Benchmark", "Options", "Result", "get_benchmark"]

@@ -1,0 +1,64 @@
+"""ScienceQA-IMG (reference §8.5, ScienceQA-IMG): option letter parsing, headline IMG-Accuracy.
+
+Questions ``scienceqa/llava_test_CQM-A.json`` (a LLaVA-format list; problems without ``image`` are text-only),
+images ``scienceqa/images/test/``, ground truth ``scienceqa/problems.json`` + ``scienceqa/pid_splits.json``, answers
+``scienceqa/answers/<ckpt>.jsonl``; metrics also go to ``scienceqa/answers/<ckpt>_result.json``. Images are converted
+to RGB (upstream does not, bug 15).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ...data.conversation import IMAGE_TOKEN
+from ..engine import Sample, sample_keys
+from ..scoring import score_sqa
+from .base import MULTIPLE_CHOICE, Benchmark, Options, Result, missing, require, write_json
+
+
+def _load(folder: Path, split: str, options: Options) -> list[Sample]:
+    problems = json.loads(require(folder / f"{split}.json", "question file").read_text(encoding="utf-8"))
+    for number, problem in enumerate(problems):
+        if "id" not in problem or not problem.get("conversations"):
+            raise ValueError(f"{folder / split}.json: problem {number} lacks 'id' or 'conversations': {problem}")
+    samples = []
+    for key, problem in zip(sample_keys(str(p["id"]) for p in problems), problems):
+        question = problem["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip() + MULTIPLE_CHOICE
+        image = folder / "images" / "test" / problem["image"] if problem.get("image") else None
+        prompt = f"{IMAGE_TOKEN}\n{question}" if image is not None else question
+        samples.append(Sample(key, problem["id"], question, prompt, image))
+    return samples
+
+
+def _answers(folder: Path, split: str, model_id: str) -> Path:
+    return folder / "answers" / f"{model_id}.jsonl"
+
+
+def _evaluate(
+    folder: Path, split: str, records: Sequence[Mapping[str, Any]], model_id: str, options: Options
+) -> Result:
+    problem_file, split_file = folder / "problems.json", folder / "pid_splits.json"
+    for path in (problem_file, split_file):
+        if not path.is_file():
+            return Result({}, None, notes=[missing(path, "ScienceQA ground truth")])
+    problems = json.loads(problem_file.read_text(encoding="utf-8"))
+    test_ids = json.loads(split_file.read_text(encoding="utf-8"))["test"]
+    predictions = {str(r["question_id"]): {"text": r["text"], "prompt": r["prompt"]} for r in records}
+    metrics = score_sqa({pid: problems[pid] for pid in test_ids}, predictions)
+    files = [write_json(folder / "answers" / f"{model_id}_result.json", metrics)]
+    return Result(metrics, metrics["img_accuracy"], "img_accuracy", files)
+
+
+SQA = Benchmark(
+    name="sqa",
+    column="SQA",
+    folder="scienceqa",
+    default_split="llava_test_CQM-A",
+    max_new_tokens=1024,
+    load=_load,
+    answers_path=_answers,
+    evaluate=_evaluate,
+)

@@ -1,0 +1,231 @@
+"""The one generation helper: load a checkpoint with its processor, build prompts, generate greedily in batches.
+
+Everything that turns questions into answer text goes through ``Generator``: evaluation (``llava_stf.eval``) and,
+later, the chat CLI. It knows nothing about benchmarks. Behaviour comes from the checkpoint: the conversation template
+is the one saved with the processor (``processor.conversation_template``), the image mode is the processor's
+``image_aspect_ratio`` and the stop token is the checkpoint's EOS. Prompts are tokenized one by one exactly as for a
+batch of 1 (``processor.encode_prompt``) and padded on the **left** with an explicit attention mask, so a batch of B
+requests yields the same greedy answers as B single requests (tested exactly on CPU in float32; in float16 the
+batched kernels round differently, so a near-tie could flip a token: unverified on a GPU here). Answers are the new
+tokens up to the first EOS, decoded without special tokens and stripped, as LLaVA's evaluation does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+from transformers.generation.streamers import BaseStreamer
+
+from .data.conversation import HUMAN, IMAGE_TOKEN, Turn, get_template
+from .model import LlavaStfProcessor  # importing .model registers llava_stf with the Auto classes
+
+StreamCallback = Callable[[int, str], None]  # (row index in the batch, newly decoded text)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding settings. Always greedy (LLaVA-1.5 evaluation: temperature 0, one beam, KV cache)."""
+
+    max_new_tokens: int = 128  # 128 for short-answer benchmarks, 1024 for ScienceQA and MMBench
+    min_new_tokens: int = 0  # > 0 suppresses EOS until then; only for fixed-length throughput measurements
+
+
+@dataclass(frozen=True)
+class Request:
+    """One conversation to continue: turns ending with a human turn, and the image its ``<image>`` tag stands for."""
+
+    turns: tuple[Turn, ...]  # alternating human / gpt, ending with human; at most one "<image>" in all
+    image: Image.Image | None = None  # required exactly when the turns hold "<image>"
+
+    @classmethod
+    def single(cls, message: str, image: Image.Image | None = None) -> Request:
+        """A one-turn request. With an image, the tag goes first (``"<image>\\n" + message``), as LLaVA-1.5 does."""
+        if image is not None and IMAGE_TOKEN not in message:
+            message = f"{IMAGE_TOKEN}\n{message}"
+        return cls((Turn(HUMAN, message),), image)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_checkpoint(
+    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[torch.nn.Module, LlavaStfProcessor]:
+    """Load ``(model, processor)`` from a checkpoint folder with transformers' Auto classes, in eval mode.
+
+    Args:
+        path: A folder written by ``save_pretrained`` (model + ``LlavaStfProcessor``).
+        device: Where to put the model (default: ``cuda`` when available, else ``cpu``).
+        dtype: Weight dtype (default: float16 on a GPU, as LLaVA evaluates, float32 on a CPU).
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a folder.
+        ValueError: If the processor and the model disagree on the number of image tokens.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor
+
+
+class _RowStreamer(BaseStreamer):
+    """Decodes each row's new tokens as they arrive and reports only the text added since the last call."""
+
+    def __init__(self, generator: Generator, batch_size: int, callback: StreamCallback):
+        self.generator, self.callback = generator, callback
+        self.tokens: list[list[int]] = [[] for _ in range(batch_size)]
+        self.sent = [""] * batch_size
+        self.finished = [False] * batch_size
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt ids [B, T]
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.finished[row]:
+                continue
+            if token in self.generator.eos_token_ids:
+                self.finished[row] = True
+            else:
+                self.tokens[row].append(token)
+            self._emit(row, final=self.finished[row])
+
+    def end(self) -> None:
+        for row in range(len(self.tokens)):
+            self._emit(row, final=True)
+
+    def _emit(self, row: int, final: bool) -> None:
+        text = self.generator.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
+            return
+        if len(text) > len(self.sent[row]) and text.startswith(self.sent[row]):
+            self.callback(row, text[len(self.sent[row]) :])
+            self.sent[row] = text
+
+
+class Generator:
+    """Batched greedy generation for a loaded ``(model, processor)`` pair.
+
+    Args:
+        model: A ``LlavaStfForConditionalGeneration`` (any LLaVA-style image-text-to-text model with ``generate``).
+        processor: Its ``LlavaStfProcessor``; its ``num_image_tokens`` must equal the model's.
+    """
+
+    def __init__(self, model: torch.nn.Module, processor: LlavaStfProcessor):
+        expected = getattr(model.config, "num_image_tokens", None)
+        if expected is not None and processor.num_image_tokens != expected:
+            raise ValueError(
+                f"processor and model disagree on image tokens: processor: {processor.num_image_tokens}, "
+                f"model: {expected} (was the processor saved with a different projector?)"
+            )
+        self.model, self.processor = model, processor
+        self.tokenizer = processor.tokenizer
+        self.template = get_template(processor.conversation_template)
+        gen = model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("neither the generation config nor the tokenizer defines an EOS token")
+        self.eos_token_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else eos)
+        # LLaVA pads with <unk>; the attention mask makes the pad id irrelevant, it only has to be a valid id.
+        candidates = (self.tokenizer.pad_token_id, self.tokenizer.unk_token_id, min(self.eos_token_ids))
+        self.pad_token_id = int(next(i for i in candidates if i is not None))
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> Generator:
+        """``Generator(*load_checkpoint(path, device, dtype))``."""
+        return cls(*load_checkpoint(path, device, dtype))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prompt(self, request: Request) -> str:
+        """The full prompt string of ``request`` in the checkpoint's template (ends with the open assistant slot)."""
+        tags = sum(turn.text.count(IMAGE_TOKEN) for turn in request.turns)
+        if tags != (request.image is not None):
+            raise ValueError(
+                f"the turns hold {tags} {IMAGE_TOKEN!r} tag(s) but {int(request.image is not None)} image(s) were "
+                "given; a request takes at most one image, with exactly one tag"
+            )
+        return self.template.prompt(request.turns)
+
+    def encode(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
+        """Left-padded model inputs for a batch.
+
+        Returns:
+            ``input_ids`` ``[B, T]`` and ``attention_mask`` ``[B, T]`` (0 on the left padding), plus ``pixel_values``
+            ``[n_images, 3, H, W]`` in request order when any request has an image.
+        """
+        if not requests:
+            raise ValueError("encode got no requests")
+        sequences = [self.processor.encode_prompt(self.prompt(r)) for r in requests]
+        longest = max(len(s) for s in sequences)
+        ids = [[self.pad_token_id] * (longest - len(s)) + s for s in sequences]
+        mask = [[0] * (longest - len(s)) + [1] * len(s) for s in sequences]
+        inputs = {
+            "input_ids": torch.tensor(ids, dtype=torch.long, device=self.device),
+            "attention_mask": torch.tensor(mask, dtype=torch.long, device=self.device),
+        }
+        images = [r.image for r in requests if r.image is not None]
+        if images:
+            pixels = self.processor.preprocess_images(images)
+            inputs["pixel_values"] = pixels.to(self.device, dtype=next(self.model.parameters()).dtype)
+        return inputs
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        requests: Sequence[Request],
+        settings: GenerationSettings = GenerationSettings(),
+        stream: StreamCallback | None = None,
+    ) -> list[str]:
+        """Greedy answers to a batch of requests.
+
+        Args:
+            requests: The conversations; any mix of with and without images.
+            settings: Token limits.
+            stream: Optional ``callback(row, text)`` called with each row's newly decoded text as it is generated;
+                the pieces of a row concatenate to its answer before stripping.
+
+        Returns:
+            One answer per request: the new tokens up to the first EOS, decoded without special tokens, stripped.
+        """
+        inputs = self.encode(requests)
+        config = GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            max_new_tokens=settings.max_new_tokens,
+            min_new_tokens=settings.min_new_tokens,
+            eos_token_id=sorted(self.eos_token_ids),
+            pad_token_id=self.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+        )
+        streamer = _RowStreamer(self, len(requests), stream) if stream is not None else None
+        output = self.model.generate(**inputs, generation_config=config, streamer=streamer)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+        return [self._decode(row) for row in new_tokens]
+
+    def _decode(self, tokens: list[int]) -> str:
+        for i, token in enumerate(tokens):
+            if token in self.eos_token_ids:
+                tokens = tokens[:i]
+                break
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+__all__ = ["GenerationSettings", "Generator", "Request", "StreamCallback", "default_device", "load_checkpoint"]
