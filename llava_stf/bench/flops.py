@@ -2,16 +2,20 @@
 
 - **paper**: the LLM only, over the visual tokens only, ``2 x sum over layers of 4nd^2 + 2n^2d + 3ndm`` (Q/K/V/O,
   the two attention products, the SwiGLU FFN). Reproduces the 7.6 / 1.9 TFLOPs of LLaVA-1.5-7B / LLaVA-STF-7B.
-- **full prefill**: visual + text tokens through the LLM, plus the vision encoder, the projector and the LM head on
-  the last position (what ``generate`` computes at prefill), each part shown.
+- **full prefill**: visual + text tokens through the LLM, plus the vision encoder, the projector, the token reducer's
+  own work and the LM head on the last position (what ``generate`` computes at prefill), each part shown.
 
-FLOPs = 2 x multiply-accumulates throughout. Softmax, norms, RoPE and embedding lookups are ignored.
-Run ``python -m llava_stf.bench.flops --preset llava-stf-7b --text-tokens 64``.
+Token reducers (``--reducer``): FastV follows its paper's formula ``K f(n) + (L - K) f(n - dropped)`` and reports the
+layer-averaged "equivalent tokens"; PruMerge's count is adaptive (decided per image at run time), so a count must be
+assumed: by default the published average (32 of 576 tokens, PruMerge+: 144 of 576, plus the extra token), or
+``--reducer-tokens``. FLOPs = 2 x multiply-accumulates throughout; softmax, norms, RoPE and lookups are ignored.
+Run ``python -m llava_stf.bench.flops --preset llava-v1.5-7b --reducer fastv --text-tokens 64``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +24,15 @@ from torch import nn
 from ..model import LlavaStfConfig
 from ..model.modeling_llava_stf import build_projector
 from ..model.presets import list_presets, load_preset
+from ..model.reducers import (
+    FastV,
+    PruMerge,
+    equivalent_tokens,
+    fastv_score_macs,
+    get_reducer_class,
+    kept_image_tokens,
+    prumerge_macs,
+)
 
 
 def decoder_layer_macs(n: int, hidden: int, ffn: int, kv_hidden: int | None = None, ffn_mats: int = 3) -> int:
@@ -30,12 +43,15 @@ def decoder_layer_macs(n: int, hidden: int, ffn: int, kv_hidden: int | None = No
     return projections + attention + ffn_mats * n * hidden * ffn
 
 
-def llm_macs(n: int, text_config) -> int:
-    """All decoder layers of a Llama-style LLM (SwiGLU, 3 FFN matrices) over ``n`` tokens."""
+def kv_width(text_config) -> int:
     head_dim = text_config.hidden_size // text_config.num_attention_heads
-    kv_hidden = head_dim * (text_config.num_key_value_heads or text_config.num_attention_heads)
-    per_layer = decoder_layer_macs(n, text_config.hidden_size, text_config.intermediate_size, kv_hidden)
-    return text_config.num_hidden_layers * per_layer
+    return head_dim * (text_config.num_key_value_heads or text_config.num_attention_heads)
+
+
+def llm_macs(n: int, text_config, layers: int | None = None) -> int:
+    """``layers`` (default: all) decoder layers of a Llama-style LLM (SwiGLU, 3 FFN matrices) over ``n`` tokens."""
+    per_layer = decoder_layer_macs(n, text_config.hidden_size, text_config.intermediate_size, kv_width(text_config))
+    return (text_config.num_hidden_layers if layers is None else layers) * per_layer
 
 
 def vision_macs(vision_config) -> int:
@@ -69,12 +85,12 @@ def module_macs(module: nn.Module, example: torch.Tensor) -> int:
     return total
 
 
-def projector_macs(config: LlavaStfConfig) -> int:
-    """The projector over one image, built on the meta device from the config."""
+def projector_macs(config: LlavaStfConfig, tokens: int | None = None) -> int:
+    """The projector over one image (``tokens`` rows for a per-token projector after PruMerge), on the meta device."""
     shapes = config.projector_shapes()
     with torch.device("meta"):
         projector = build_projector(config)
-        example = torch.empty(1, shapes.grid_h * shapes.grid_w, shapes.in_channels)
+        example = torch.empty(1, tokens or shapes.grid_h * shapes.grid_w, shapes.in_channels)
     return module_macs(projector, example)
 
 
@@ -82,29 +98,56 @@ def projector_macs(config: LlavaStfConfig) -> int:
 class FlopsReport:
     """FLOPs (2 x MACs) of one image + ``text_tokens`` at prefill."""
 
-    image_tokens: int
+    image_tokens: int  # image tokens entering the LLM
     text_tokens: int
+    equivalent_tokens: float  # image tokens averaged over the LLM layers (differs from image_tokens for FastV)
     paper: int  # LLM over the visual tokens only
     vision: int
     projector: int
+    reducer: int  # the reducer's own work (PruMerge's scoring and merge, FastV's ranking)
     llm: int  # LLM over visual + text tokens
     lm_head: int  # last position only
 
     @property
     def full(self) -> int:
-        return self.vision + self.projector + self.llm + self.lm_head
+        return self.vision + self.projector + self.reducer + self.llm + self.lm_head
 
 
-def count_flops(config: LlavaStfConfig, text_tokens: int = 0) -> FlopsReport:
-    n_img = config.num_image_tokens
-    text = config.text_config
+def assumed_selected(config: LlavaStfConfig) -> int:
+    """PruMerge tokens assumed kept per image (without the extra one): the published average, scaled to the grid."""
+    grid_h, grid_w = config.grid_size
+    return round(get_reducer_class(config.reducer_type).assumed_keep_ratio * grid_h * grid_w)
+
+
+def count_flops(config: LlavaStfConfig, text_tokens: int = 0, reducer_tokens: int | None = None) -> FlopsReport:
+    """Prefill FLOPs; ``reducer_tokens`` is the PruMerge count to assume (``None``: the published average)."""
+    text, n_img = config.text_config, config.num_image_tokens
+    layers, reducer_macs, proj = text.num_hidden_layers, 0, projector_macs(config)
+    reducer = get_reducer_class(config.reducer_type) if config.reducer_type else None
+    paper, llm, eq = llm_macs(n_img, text), llm_macs(n_img + text_tokens, text), float(n_img)
+    if reducer is not None and issubclass(reducer, PruMerge):
+        selected = assumed_selected(config) if reducer_tokens is None else reducer_tokens
+        n_img = eq = selected + 1
+        vision, shapes = config.vision_config, config.projector_shapes()
+        reducer_macs = prumerge_macs(shapes.grid_h * shapes.grid_w, vision.hidden_size, shapes.in_channels, selected)
+        paper, llm, proj = llm_macs(n_img, text), llm_macs(n_img + text_tokens, text), projector_macs(config, n_img)
+    elif reducer is FastV:
+        params = config.reducer_params()
+        k, kept = min(params.k, layers), kept_image_tokens(n_img, params.r)
+        paper = llm_macs(n_img, text, k) + llm_macs(kept, text, layers - k)
+        llm = llm_macs(n_img + text_tokens, text, k) + llm_macs(kept + text_tokens, text, layers - k)
+        eq = equivalent_tokens(n_img, kept, k, layers)
+        if k < layers and kept < n_img:
+            reducer_macs = fastv_score_macs(n_img + text_tokens, text.hidden_size, kv_width(text))
     return FlopsReport(
         image_tokens=n_img,
         text_tokens=text_tokens,
-        paper=2 * llm_macs(n_img, text),
+        equivalent_tokens=eq,
+        paper=2 * paper,
         vision=2 * vision_macs(config.vision_config),
-        projector=2 * projector_macs(config),
-        llm=2 * llm_macs(n_img + text_tokens, text),
+        projector=2 * proj,
+        reducer=2 * reducer_macs,
+        llm=2 * llm,
         lm_head=2 * text.hidden_size * text.vocab_size,
     )
 
@@ -113,29 +156,34 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", nargs="+", default=["llava-v1.5-7b", "llava-stf-7b"], help=str(list_presets()))
     parser.add_argument("--projector", default=None, help="replace the preset's projector (default settings)")
+    parser.add_argument("--reducer", default=None, help="add a token reducer: prumerge, prumerge_plus, fastv")
+    parser.add_argument("--reducer-kwargs", type=json.loads, default=None, help='e.g. \'{"k": 3, "r": 0.75}\'')
+    parser.add_argument("--reducer-tokens", type=int, default=None, help="PruMerge tokens kept per image (assumed)")
     parser.add_argument("--text-tokens", type=int, default=0, help="text tokens in the full-prefill convention")
     args = parser.parse_args(argv)
-    rows = []
-    for name in args.preset:
-        config = load_preset(name)
+    rows = [(args.preset[0], load_preset(args.preset[0]))] if args.projector or args.reducer else []
+    for name in args.preset:  # ratios are against the first preset as published
+        fields = load_preset(name).to_dict()
         if args.projector:
-            fields = config.to_dict()
             fields.update(projector_type=args.projector, projector_kwargs=None, vision_feature_layer=None)
-            config = LlavaStfConfig(**fields)
-        rows.append((name, config.projector_type, count_flops(config, args.text_tokens)))
-    base = rows[0][2]
-    t = 1e12
-    print(f"prefill TFLOPs (2 x MACs), one 336-px image + {args.text_tokens} text tokens; ratios vs {rows[0][0]}")
+        fields.update(reducer_type=args.reducer, reducer_kwargs=args.reducer_kwargs)
+        rows.append((name, LlavaStfConfig(**fields)))
+    reports = [count_flops(c, args.text_tokens, args.reducer_tokens) for _, c in rows]
+    base, t = reports[0], 1e12
+    print(f"prefill TFLOPs (2 x MACs), one image + {args.text_tokens} text tokens; ratios vs {rows[0][0]}")
     print(
-        f"{'preset':22} {'projector':12} {'img tok':>7} {'paper':>7} {'ratio':>6} | {'vision':>6} {'proj':>6} "
-        f"{'llm':>7} {'head':>6} {'full':>7} {'ratio':>6}"
+        f"{'preset':15} {'projector':10} {'reducer':13} {'img tok':>7} {'eq tok':>6} {'paper':>6} {'ratio':>5} | "
+        f"{'vision':>6} {'proj':>5} {'reduce':>6} {'llm':>6} {'ratio':>5} {'head':>6} {'full':>6} {'ratio':>5}"
     )
-    for name, proj, r in rows:
+    for (name, config), r in zip(rows, reports):
         print(
-            f"{name:22} {proj:12} {r.image_tokens:>7} {r.paper / t:>7.3f} {r.paper / base.paper:>6.3f} | "
-            f"{r.vision / t:>6.3f} {r.projector / t:>6.3f} {r.llm / t:>7.3f} {r.lm_head / t:>6.4f} "
-            f"{r.full / t:>7.3f} {r.full / base.full:>6.3f}"
+            f"{name:15} {config.projector_type:10} {config.reducer_type or '-':13} {r.image_tokens:>7} "
+            f"{r.equivalent_tokens:>6.0f} {r.paper / t:>6.3f} {r.paper / base.paper:>5.3f} | {r.vision / t:>6.3f} "
+            f"{r.projector / t:>5.3f} {r.reducer / t:>6.4f} {r.llm / t:>6.3f} {r.llm / base.llm:>5.3f} "
+            f"{r.lm_head / t:>6.4f} {r.full / t:>6.3f} {r.full / base.full:>5.3f}"
         )
+    if args.reducer in ("prumerge", "prumerge_plus"):
+        print(f"note: {args.reducer} keeps an adaptive count per image; assumed {reports[-1].image_tokens} LLM tokens")
 
 
 if __name__ == "__main__":

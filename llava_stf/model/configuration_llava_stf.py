@@ -1,9 +1,10 @@
-"""``LlavaStfConfig``: transformers' ``LlavaConfig`` plus the projector choice and its settings.
+"""``LlavaStfConfig``: transformers' ``LlavaConfig`` plus the projector and token-reducer choices and their settings.
 
 Architecture only (no training flags). The projector settings are resolved against the model shapes at
 construction, so the saved ``config.json`` records explicit numbers (block list, window, fused width, token
-count) and a model is always rebuilt from them, never from a directory name. Bad settings raise at construction
-with a message that names the field.
+count) and a model is always rebuilt from them, never from a directory name. The optional token reducer
+(``reducer_type`` / ``reducer_kwargs``: PruMerge, PruMerge+, FastV) is recorded the same way. Bad settings and
+invalid projector / reducer combinations raise at construction with a message that names the field.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from transformers import LlavaConfig
 
 from .projectors import ProjectorConfigError, ProjectorParams, ProjectorShapes, get_projector_class
+from .reducers import ReducerParams, get_reducer_class
 
 
 class LlavaStfConfig(LlavaConfig):
@@ -24,6 +26,9 @@ class LlavaStfConfig(LlavaConfig):
         projector_kwargs: the projector's settings (its ``Params`` dataclass fields); ``None`` values are resolved.
         vision_feature_layer: hidden-state index or list of indices read from the vision tower (concatenated on
             channels in list order). ``None`` asks the projector for its default (LLaVA: -2; MBTF: 8 blocks).
+        reducer_type: optional token reducer from ``llava_stf.model.reducers.REDUCERS`` (``prumerge``,
+            ``prumerge_plus``, ``fastv``); ``None`` (default) keeps every token.
+        reducer_kwargs: the reducer's settings (its ``Params`` dataclass fields); defaults are filled in.
         **kwargs: every ``LlavaConfig`` field (``vision_config``, ``text_config``, ``image_token_index``, ...).
     """
 
@@ -34,6 +39,8 @@ class LlavaStfConfig(LlavaConfig):
         projector_type: str = "mlp2x_gelu",
         projector_kwargs: dict[str, Any] | None = None,
         vision_feature_layer: int | list[int] | None = None,
+        reducer_type: str | None = None,
+        reducer_kwargs: dict[str, Any] | None = None,
         **kwargs,
     ):
         # A llava-hf config.json says model_type "llava"; this class is always "llava_stf" (the weight layout is
@@ -41,6 +48,8 @@ class LlavaStfConfig(LlavaConfig):
         kwargs.pop("model_type", None)
         self.projector_type = projector_type
         self.projector_kwargs = dict(projector_kwargs or {})
+        self.reducer_type = reducer_type
+        self.reducer_kwargs = dict(reducer_kwargs or {})
         super().__init__(vision_feature_layer=-2 if vision_feature_layer is None else vision_feature_layer, **kwargs)
         projector_cls = get_projector_class(projector_type)
         params = projector_cls.Params.from_kwargs(projector_type, self.projector_kwargs)
@@ -55,7 +64,17 @@ class LlavaStfConfig(LlavaConfig):
                 f"be 'default' (CLS dropped), got {self.vision_feature_select_strategy!r}"
             )
         self.projector_kwargs = params.to_kwargs()
+        if reducer_type is not None:
+            reducer_params = self.reducer_params()
+            get_reducer_class(reducer_type).check_config(reducer_type, reducer_params, self)
+            self.reducer_kwargs = reducer_params.to_kwargs()
         self.image_seq_length = self.num_image_tokens
+
+    def with_reducer(self, reducer_type: str | None, reducer_kwargs: dict[str, Any] | None = None) -> LlavaStfConfig:
+        """A validated copy with another reducer (``None``: none), e.g. to run PruMerge on a trained checkpoint."""
+        fields = self.to_dict()
+        fields.update(reducer_type=reducer_type, reducer_kwargs=reducer_kwargs)
+        return type(self)(**fields)
 
     # ----------------------------------------------------------------------------------------- derived shapes
     def _vision_depth(self) -> int:
@@ -99,12 +118,25 @@ class LlavaStfConfig(LlavaConfig):
         """The projector's resolved settings as its typed dataclass."""
         return get_projector_class(self.projector_type).Params.from_kwargs(self.projector_type, self.projector_kwargs)
 
+    def reducer_params(self) -> ReducerParams | None:
+        """The reducer's settings as its typed dataclass (``None`` without a reducer)."""
+        if self.reducer_type is None:
+            return None
+        return get_reducer_class(self.reducer_type).Params.from_kwargs(self.reducer_type, self.reducer_kwargs)
+
     @property
     def num_image_tokens(self) -> int:
-        """LLM tokens per image: what the processor must expand each ``<image>`` into."""
+        """Placeholders per image: what the processor must expand each ``<image>`` into.
+
+        The projector's token count, or, with a vision-side reducer (PruMerge), its upper bound: the model fills the
+        first tokens of each image's span and drops the unused placeholders before the first LLM layer.
+        """
         grid_h, grid_w = self.grid_size
         extra = 1 if self.vision_feature_select_strategy == "full" else 0  # CLS kept (non-spatial projectors)
-        return self.projector_params().num_image_tokens(grid_h, grid_w) + extra
+        tokens = self.projector_params().num_image_tokens(grid_h, grid_w) + extra
+        if self.reducer_type is not None:
+            tokens = get_reducer_class(self.reducer_type).placeholder_tokens(self.reducer_params(), self, tokens)
+        return tokens
 
 
 __all__ = ["LlavaStfConfig"]

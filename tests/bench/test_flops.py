@@ -71,3 +71,71 @@ def test_projector_count_matches_flop_counter_mode():
     with counter, torch.no_grad():
         projector(x)
     assert counter.get_total_flops() == 2 * projector_macs(config)
+
+
+# ------------------------------------------------------------------------------------------------- token reducers
+def with_reducer(preset: str, reducer: str, **kwargs) -> LlavaStfConfig:
+    return load_preset(preset).with_reducer(reducer, kwargs or None)
+
+
+def test_fastv_follows_its_paper_formula():
+    # token-reducers.md 8.5: K f(n) + (L - K) f(n - R 576), n including the text; FLOPs = 57% (7B, K=3, R=0.5,
+    # about 40 non-image tokens) and about 55% (13B, K=2, R=0.5).
+    for preset, k, expected in [("llava-v1.5-7b", 3, 0.57), ("llava-v1.5-13b", 2, 0.55)]:
+        base = count_flops(load_preset(preset), 40)
+        fastv = count_flops(with_reducer(preset, "fastv", k=k, r=0.5), 40)
+        assert fastv.llm / base.llm == pytest.approx(expected, abs=0.005)
+        text = load_preset(preset).text_config
+        layers = text.num_hidden_layers
+        assert fastv.llm == 2 * (k * llm_macs(616, text, 1) + (layers - k) * llm_macs(328, text, 1))
+        assert fastv.paper == 2 * (k * llm_macs(576, text, 1) + (layers - k) * llm_macs(288, text, 1))
+
+
+def test_fastv_equivalent_tokens_and_text_scaling():
+    report = count_flops(with_reducer("llava-v1.5-7b", "fastv", k=2, r=0.75))
+    assert report.equivalent_tokens == 171  # (2 * 576 + 30 * 144) / 32, as in SparseVLM-style tables
+    text = load_preset("llava-v1.5-7b").text_config
+    for n_text in (0, 35, 64):
+        report = count_flops(with_reducer("llava-v1.5-7b", "fastv", k=2, r=0.5), n_text)
+        assert report.llm == 2 * (2 * llm_macs(576 + n_text, text, 1) + 30 * llm_macs(288 + n_text, text, 1))
+        assert report.reducer == 2 * ((576 + n_text) * 4096 * 4096 + 4096 * 4096 + (576 + n_text) * 4096)
+    noop = count_flops(with_reducer("llava-v1.5-7b", "fastv", k=32, r=0.5), 40)
+    assert noop.llm == count_flops(load_preset("llava-v1.5-7b"), 40).llm and noop.reducer == 0
+
+
+def test_prumerge_uses_an_assumed_count():
+    base = count_flops(load_preset("llava-v1.5-7b"))
+    assumed = count_flops(with_reducer("llava-v1.5-7b", "prumerge"))
+    assert assumed.image_tokens == 33  # published average of 32 kept tokens, plus the extra one
+    assert count_flops(with_reducer("llava-v1.5-7b", "prumerge_plus")).image_tokens == 145
+    chosen = count_flops(with_reducer("llava-v1.5-7b", "prumerge"), reducer_tokens=63)
+    text = load_preset("llava-v1.5-7b").text_config
+    assert chosen.image_tokens == 64 and chosen.paper == 2 * llm_macs(64, text)
+    assert chosen.projector == 2 * 64 * (1024 * 4096 + 4096 * 4096)  # the projector runs on the kept rows only
+    assert chosen.vision == base.vision  # a pre-LLM reducer never saves the encoder
+    assert 0 < assumed.reducer < chosen.reducer < 0.01 * base.vision
+
+
+@pytest.mark.parametrize(
+    ("projector", "reducer", "kwargs"),
+    [
+        ("mlp2x_gelu", "fastv", {"k": 1, "r": 0.5}),
+        ("mbtf_stf", "fastv", {"k": 1, "r": 0.75}),
+        ("mlp2x_gelu", "prumerge", {}),
+        ("mbtf", "prumerge_plus", {}),
+    ],
+)
+def test_reducer_counts_match_flop_counter_mode(projector, reducer, kwargs):
+    config = tiny_config(projector_type=projector, reducer_type=reducer, reducer_kwargs=kwargs)
+    model = tiny_model(config)
+    model.set_attn_implementation("eager")
+    inputs = tiny_processor(config)(images=[make_image(0)], text=["USER: <image>\nWhat is in the picture? ASSISTANT:"])
+    n_text = inputs["input_ids"].shape[1] - config.num_image_tokens
+    selected = None
+    if reducer != "fastv":
+        with torch.no_grad():
+            selected = len(model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]) - 1
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(**inputs, logits_to_keep=1)
+    assert counter.get_total_flops() == count_flops(config, n_text, reducer_tokens=selected).full

@@ -1,0 +1,198 @@
+"""Measured prefill latency, decode speed, peak memory and KV-cache bytes per image, side by side in one run.
+
+Every variant (``projector[+reducer]``) shares one randomly initialised vision tower, LLM and LM head (only the
+projector differs) and gets the same input: one image and ``--text-tokens`` text tokens, batch 1. Prefills run
+round-robin over the variants (so load changes hit all alike); forward hooks split the time to first token into
+tower, reducer, projector and LLM. Reported next to the measured LLM prefill speed-up over the first variant: its
+analytic FLOPs ratio (``bench.flops``, with PruMerge's measured token count). CUDA peak memory is measured above the
+resident weights; on CPU it is not measured.
+
+    python -m llava_stf.bench.latency --threads 1                                  # CPU (7B / 4 widths), minutes
+    python -m llava_stf.bench.latency --preset llava-v1.5-7b --dtype bf16 --device cuda   # 7B shapes, random init
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LogitsProcessor, LogitsProcessorList
+
+from ..model import LlavaStfConfig, LlavaStfForConditionalGeneration, build_projector
+from ..model.presets import load_preset
+from .flops import count_flops
+
+VARIANTS = ["mlp2x_gelu", "mbtf_stf", "mlp2x_gelu+prumerge", "mlp2x_gelu+prumerge_plus", "mlp2x_gelu+fastv"]
+SIZES = {  # image, patch, vision hidden / layers, LLM hidden / FFN / layers / heads
+    "cpu": (336, 14, 256, 24, 1024, 2752, 32, 16),  # LLaVA-1.5-7B with every width / 4 (same depths and grid)
+    "tiny": (32, 4, 32, 9, 64, 128, 4, 4),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def base_config(preset: str | None, size: str) -> LlavaStfConfig:
+    if preset:
+        return load_preset(preset)
+    image, patch, vh, vl, th, tf, tl, heads = SIZES[size]
+    vision = CLIPVisionConfig(hidden_size=vh, intermediate_size=4 * vh, num_hidden_layers=vl, num_attention_heads=4,
+                              image_size=image, patch_size=patch)  # fmt: skip
+    text = LlamaConfig(vocab_size=32064, hidden_size=th, intermediate_size=tf, num_hidden_layers=tl,
+                       num_attention_heads=heads, num_key_value_heads=heads)  # fmt: skip
+    return LlavaStfConfig(vision_config=vision, text_config=text, image_token_index=32000)
+
+
+def variant_config(base: LlavaStfConfig, spec: str) -> LlavaStfConfig:
+    projector, _, reducer = spec.partition("+")
+    fields = base.to_dict()
+    fields.update(projector_type=projector, projector_kwargs=None, vision_feature_layer=None)
+    fields.update(reducer_type=reducer or None, reducer_kwargs=None)
+    return LlavaStfConfig(**fields)
+
+
+class Clock(LogitsProcessor):
+    """Wall time (CUDA synchronised) at named forward-hook points, and at every generation step (``steps``)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.marks, self.steps = device, {}, []
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def hook(self, name: str):
+        def record(*_) -> None:  # returns None: a pre-hook must not replace the module's input
+            self.marks.setdefault(name, self.now())
+
+        return record
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(self.now())
+        return scores
+
+
+@dataclass
+class Row:
+    spec: str
+    image_tokens: int  # image tokens entering the LLM
+    llm_tokens: int  # tokens through the last LLM layer
+    times: dict[str, float]  # median seconds: prefill, vision, reducer (tower end to projector), projector, llm
+    decode_tps: float
+    kv_bytes: int
+    peak_bytes: int | None  # CUDA: peak memory above the resident weights during one prefill
+    llm_flops: int
+
+
+def build(base: LlavaStfConfig, specs: list[str], device: torch.device, dtype: torch.dtype) -> list:
+    """``(spec, config, model)`` per variant; all share one vision tower, LLM and LM head."""
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the target dtype (no fp32 copy of a 7B model)
+    try:
+        with torch.device(device):
+            shared = LlavaStfForConditionalGeneration(variant_config(base, specs[0])).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    models = []
+    for spec in specs:
+        config = variant_config(base, spec)
+        with torch.device("meta"):
+            model = LlavaStfForConditionalGeneration(config)
+        model.model.vision_tower, model.model.language_model = shared.model.vision_tower, shared.model.language_model
+        model.lm_head, model.model.multi_modal_projector = shared.lm_head, build_projector(config).to(device, dtype)
+        model.model.multi_modal_projector.reset_parameters()
+        models.append((spec, config, model.eval()))
+    return models
+
+
+def prefill(model, ids, pixels, clock: Clock) -> tuple[dict[str, float], object, int]:
+    """One timed prefill: ``(times, outputs, tokens through the last LLM layer)``."""
+    inner, lm, lengths = model.model, model.model.language_model, []
+    parts = {"vision": inner.vision_tower, "proj": inner.multi_modal_projector}
+    hooks = [m.register_forward_pre_hook(clock.hook(f"{n}0")) for n, m in parts.items()]
+    hooks += [m.register_forward_hook(clock.hook(f"{n}1")) for n, m in parts.items()]
+    hooks += [
+        lm.layers[0].register_forward_pre_hook(clock.hook("llm0")),
+        lm.norm.register_forward_hook(clock.hook("llm1")),
+    ]
+    hooks += [lm.layers[-1].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))]
+    clock.marks, start = {}, clock.now()
+    out = model(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1)
+    m, end = clock.marks, clock.now()
+    for hook in hooks:
+        hook.remove()
+    times = dict(prefill=end - start, vision=m["vision1"] - m["vision0"], reducer=m["proj0"] - m["vision1"])
+    return dict(times, projector=m["proj1"] - m["proj0"], llm=m["llm1"] - m["llm0"]), out, lengths[0]
+
+
+@torch.no_grad()
+def measure(base: LlavaStfConfig, args, device: torch.device) -> list[Row]:
+    clock, models = Clock(device), build(base, args.variants, device, DTYPES[args.dtype])
+    size, g = base.vision_config.image_size, torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, 3, size, size, generator=g).to(device, DTYPES[args.dtype])
+    text = torch.randint(3, 30000, (args.text_tokens,), generator=g).to(device)
+    half, ids = args.text_tokens // 2, []
+    for _, config, _ in models:
+        image = torch.full((config.num_image_tokens,), config.image_token_id, device=device)
+        ids.append(torch.cat([text[:half], image, text[half:]])[None])
+    runs = [[] for _ in models]
+    for repeat in range(args.repeats + 1):  # the first round warms up
+        for i, (_, _, model) in enumerate(models):
+            runs[i] += [prefill(model, ids[i], pixels, clock)[0]] if repeat else []
+    rows = []
+    for (spec, config, model), prompt, samples in zip(models, ids, runs):
+        resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _, out, llm_tokens = prefill(model, prompt, pixels, clock)
+        peak = torch.cuda.max_memory_allocated(device) - resident if device.type == "cuda" else None
+        kv = sum(t.numel() * t.element_size() for kv in out.past_key_values.layers for t in (kv.keys, kv.values))
+        clock.steps = []
+        model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=pixels, do_sample=False,
+                       max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0,
+                       logits_processor=LogitsProcessorList([clock]))  # fmt: skip
+        n_text = prompt.shape[1] - config.num_image_tokens
+        image_tokens = config.num_image_tokens if config.reducer_type == "fastv" else llm_tokens - n_text
+        selected = image_tokens - 1 if config.reducer_type in ("prumerge", "prumerge_plus") else None
+        times = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+        decode = (len(clock.steps) - 1) / (clock.steps[-1] - clock.steps[0])
+        flops = count_flops(config, args.text_tokens, reducer_tokens=selected).llm
+        rows.append(Row(spec, image_tokens, llm_tokens, times, decode, kv, peak, flops))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, help="projector[+reducer]; the first is the base")
+    parser.add_argument("--preset", default=None, help="real shapes from configs/model (e.g. llava-v1.5-7b)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu", help="shapes when no preset is given")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", default="cpu")
+    for name, default in [("text-tokens", 40), ("new-tokens", 16), ("repeats", 3), ("threads", 0)]:
+        parser.add_argument(f"--{name}", type=int, default=default)  # threads: CPU threads (1 is steadier when shared)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = measure(base_config(args.preset, args.size), args, device)
+    ref = rows[0]
+    print(f"{args.preset or args.size} shapes, {args.dtype} on {device}, 1 image + {args.text_tokens} text tokens, "
+          f"random weights; median ms; speed-up and FLOPs ratio of the LLM prefill vs {ref.spec}")  # fmt: skip
+    head = "img LLM TTFT vision reduce proj LLM speedup FLOPs-x eff proj% dec-t/s KV-MB peak-GB".split()
+    print(("{:26}" + "{:>8}" * len(head)).format("variant", *head))
+    for r in rows:
+        t = {k: v * 1e3 for k, v in r.times.items()}
+        speedup, flops = ref.times["llm"] / r.times["llm"], ref.llm_flops / r.llm_flops
+        peak = "n/a" if r.peak_bytes is None else f"{r.peak_bytes / 2**30:.2f}"
+        cells = [r.image_tokens, r.llm_tokens] + [f"{t[k]:.1f}" for k in ("prefill", "vision", "reducer", "projector")]
+        cells += [f"{t['llm']:.1f}", f"{speedup:.2f}", f"{flops:.2f}", f"{speedup / flops:.0%}"]
+        cells += [f"{t['projector'] / t['prefill']:.1%}", f"{r.decode_tps:.1f}", f"{r.kv_bytes / 2**20:.2f}", peak]
+        print(("{:26}" + "{:>8}" * len(cells)).format(r.spec, *cells))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""bench.latency on tiny shapes: one run measures every variant; KV-cache bytes and FLOPs are the exact ones.
+
+Timings are printed, never asserted (they depend on the machine)."""
+
+from __future__ import annotations
+
+import torch
+
+from llava_stf.bench.flops import count_flops
+from llava_stf.bench.latency import base_config, main, variant_config
+
+
+def test_side_by_side_run_reports_exact_cache_sizes(capsys):
+    variants = ["mlp2x_gelu", "mbtf_stf", "mlp2x_gelu+fastv", "mlp2x_gelu+prumerge"]
+    threads = torch.get_num_threads()
+    try:
+        args = ["--size", "tiny", "--repeats", "1", "--new-tokens", "3", "--text-tokens", "12", "--threads", "1"]
+        rows = main([*args, "--variants", *variants])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed[-4:]] == variants
+    base = base_config(None, "tiny")
+    text = base.text_config
+    per_token = 2 * text.num_hidden_layers * text.hidden_size * 4  # keys + values, fp32, no GQA in these shapes
+    full, stf, fastv, prumerge = rows
+    assert (full.image_tokens, full.llm_tokens, full.kv_bytes) == (64, 76, 76 * per_token)
+    assert (stf.image_tokens, stf.llm_tokens, stf.kv_bytes) == (16, 28, 28 * per_token)
+    # FastV (K=2, R=0.5): layers 0-1 cache all 76 tokens, layers 2-3 the 44 survivors
+    assert (fastv.image_tokens, fastv.llm_tokens) == (64, 44)
+    assert fastv.kv_bytes == per_token // text.num_hidden_layers * (2 * 76 + 2 * 44)
+    # PruMerge: the LLM and its cache see only the adaptive count (+1 extra token), not the 17 placeholders
+    assert 2 <= prumerge.image_tokens <= 17 and prumerge.llm_tokens == 12 + prumerge.image_tokens
+    assert prumerge.kv_bytes == prumerge.llm_tokens * per_token
+    config = variant_config(base, "mlp2x_gelu+prumerge")
+    assert prumerge.llm_flops == count_flops(config, 12, reducer_tokens=prumerge.image_tokens - 1).llm
+    for row in rows:
+        assert row.decode_tps > 0 and row.peak_bytes is None
+        assert all(t >= 0 for t in row.times.values()) and row.times["prefill"] >= row.times["llm"]
