@@ -1,24 +1,28 @@
-"""The one generation helper: load a checkpoint with its processor, build prompts, generate greedily in batches.
+"""The one generation helper: load a checkpoint with its processor, build prompts, generate in batches.
 
-Everything that turns questions into answer text goes through ``Generator``: evaluation (``llava_stf.eval``) and,
-later, the chat CLI. It knows nothing about benchmarks. Behaviour comes from the checkpoint: the conversation template
-is the one saved with the processor (``processor.conversation_template``), the image mode is the processor's
-``image_aspect_ratio`` and the stop token is the checkpoint's EOS. Prompts are tokenized one by one exactly as for a
-batch of 1 (``processor.encode_prompt``) and padded on the **left** with an explicit attention mask, so a batch of B
-requests yields the same greedy answers as B single requests (tested exactly on CPU in float32; in float16 the
+Everything that turns questions into answer text goes through ``Generator``: evaluation (``llava_stf.eval``) and the
+chat CLI (``llava_stf.serve.cli``). It knows nothing about benchmarks. Behaviour comes from the checkpoint: the
+conversation template is the one saved with the processor (``processor.conversation_template``), the image mode is the
+processor's ``image_aspect_ratio`` and the stop token is the checkpoint's EOS. Prompts are tokenized one by one exactly
+as for a batch of 1 (``processor.encode_prompt``) and padded on the **left** with an explicit attention mask, so a batch
+of B requests yields the same greedy answers as B single requests (tested exactly on CPU in float32; in float16 the
 batched kernels round differently, so a near-tie could flip a token: unverified on a GPU here). Answers are the new
-tokens up to the first EOS, decoded without special tokens and stripped, as LLaVA's evaluation does.
+tokens up to the first EOS, decoded without special tokens and stripped, as LLaVA's evaluation does. Decoding is greedy
+unless ``GenerationSettings.temperature`` is above 0 (the chat CLI's ``--temperature``), which samples.
+``load_checkpoint`` first checks that the folder is a llava_stf checkpoint (config, weights, processor), so a wrong
+folder gets a one-line reason instead of an error from deep inside ``from_pretrained``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from .data.conversation import HUMAN, IMAGE_TOKEN, Turn, get_template
@@ -26,13 +30,38 @@ from .model import LlavaStfProcessor  # importing .model registers llava_stf wit
 
 StreamCallback = Callable[[int, str], None]  # (row index in the batch, newly decoded text)
 
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+QUANTIZED_BITS = (4, 8)  # load_checkpoint(load_in_bits=...) with bitsandbytes on a CUDA device
+NOT_QUANTIZED = ["vision_tower", "multi_modal_projector", "lm_head"]  # kept in ``dtype`` when quantizing the LLM
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Decoding settings. Always greedy (LLaVA-1.5 evaluation: temperature 0, one beam, KV cache)."""
+    """Decoding settings. Greedy by default (LLaVA-1.5 evaluation: temperature 0, one beam, KV cache)."""
 
     max_new_tokens: int = 128  # 128 for short-answer benchmarks, 1024 for ScienceQA and MMBench
     min_new_tokens: int = 0  # > 0 suppresses EOS until then; only for fixed-length throughput measurements
+    temperature: float = 0.0  # 0: greedy; > 0: sample from softmax(logits / temperature) (LLaVA's chat uses 0.2)
+    top_p: float | None = None  # when sampling: keep the smallest set of tokens with this probability mass
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.min_new_tokens < 0:
+            raise ValueError(
+                f"need max_new_tokens >= 1 and min_new_tokens >= 0, got {self.max_new_tokens}, {self.min_new_tokens}"
+            )
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
 
 
 @dataclass(frozen=True)
@@ -54,8 +83,75 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_checkpoint(path: str | Path) -> None:
+    """Raise a one-line error unless ``path`` is a llava_stf checkpoint: ``config.json``, weights and processor.
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a folder.
+        ValueError: Saying what is missing or foreign (a LoRA adapter, a stage-1 projector folder, another model
+            type, a processor other than ``LlavaStfProcessor``).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    config = _read_json(path / "config.json")
+    if config is None:
+        hint = (
+            " (it holds a LoRA adapter: use the merged model its training run saved)"
+            if (path / "adapter_config.json").is_file()
+            else ""
+        )
+        raise ValueError(f"{path} is not a llava_stf checkpoint: no config.json{hint}")
+    if config.get("model_type") != "llava_stf":
+        raise ValueError(
+            f"{path} holds a {config.get('model_type')!r} model, not a llava_stf checkpoint (model_type "
+            "'llava_stf'); convert it first with python -m llava_stf.convert"
+        )
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ValueError(
+            f"{path} has a llava_stf config but no model weights ({', '.join(WEIGHT_FILES)}); a stage-1 output "
+            "holds only the projector: use a stage-2 output or a converted checkpoint"
+        )
+    processor = _read_json(path / "processor_config.json")
+    if processor is None or processor.get("processor_class") != "LlavaStfProcessor":
+        found = "none" if processor is None else repr(processor.get("processor_class"))
+        raise ValueError(f"{path} has no LlavaStfProcessor saved in processor_config.json (found: {found})")
+
+
+def _read_json(file: Path) -> dict | None:
+    """The JSON object in ``file``; ``None`` when there is no such file; ``ValueError`` when it is not valid JSON."""
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is not a readable JSON file: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} does not hold a JSON object")
+    return data
+
+
+def quantization_config(bits: int, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """bitsandbytes settings for ``load_in_bits``: the LLM's linear layers in 8 bits, or 4-bit NF4 with double
+    quantization as LLaVA's ``--load-4bit``; the vision tower, the projector and ``lm_head`` stay unquantized."""
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NOT_QUANTIZED)
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type="nf4",
+            llm_int8_skip_modules=NOT_QUANTIZED,
+        )
+    raise ValueError(f"load_in_bits must be one of {QUANTIZED_BITS}, got {bits!r}")
+
+
 def load_checkpoint(
-    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    load_in_bits: int | None = None,
 ) -> tuple[torch.nn.Module, LlavaStfProcessor]:
     """Load ``(model, processor)`` from a checkpoint folder with transformers' Auto classes, in eval mode.
 
@@ -63,20 +159,29 @@ def load_checkpoint(
         path: A folder written by ``save_pretrained`` (model + ``LlavaStfProcessor``).
         device: Where to put the model (default: ``cuda`` when available, else ``cpu``).
         dtype: Weight dtype (default: float16 on a GPU, as LLaVA evaluates, float32 on a CPU).
+        load_in_bits: 8 or 4 to quantize the LLM with bitsandbytes (``quantization_config``); needs a CUDA device
+            and the ``bitsandbytes`` package.
 
     Raises:
         FileNotFoundError: If ``path`` is not a folder.
-        ValueError: If the processor and the model disagree on the number of image tokens.
+        ValueError: If ``path`` is not a llava_stf checkpoint (``check_checkpoint``), or quantization is asked for
+            on a device other than CUDA.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    check_checkpoint(path)
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+    if load_in_bits is None:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    else:
+        if device.type != "cuda":
+            raise ValueError(f"{load_in_bits}-bit loading needs a CUDA device (bitsandbytes), got {device}")
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, quantization_config=quantization_config(load_in_bits, dtype), device_map={"": device}
+        )
     processor = AutoProcessor.from_pretrained(path)
-    return model, processor
+    return model.eval(), processor
 
 
 class _RowStreamer(BaseStreamer):
@@ -116,7 +221,7 @@ class _RowStreamer(BaseStreamer):
 
 
 class Generator:
-    """Batched greedy generation for a loaded ``(model, processor)`` pair.
+    """Batched generation (greedy unless the settings sample) for a loaded ``(model, processor)`` pair.
 
     Args:
         model: A ``LlavaStfForConditionalGeneration`` (any LLaVA-style image-text-to-text model with ``generate``).
@@ -193,11 +298,11 @@ class Generator:
         settings: GenerationSettings = GenerationSettings(),
         stream: StreamCallback | None = None,
     ) -> list[str]:
-        """Greedy answers to a batch of requests.
+        """Answers to a batch of requests: greedy, or sampled when ``settings.temperature > 0``.
 
         Args:
             requests: The conversations; any mix of with and without images.
-            settings: Token limits.
+            settings: Token limits and sampling (the default is greedy; seed ``torch`` to repeat a sampled answer).
             stream: Optional ``callback(row, text)`` called with each row's newly decoded text as it is generated;
                 the pieces of a row concatenate to its answer before stripping.
 
@@ -205,8 +310,13 @@ class Generator:
             One answer per request: the new tokens up to the first EOS, decoded without special tokens, stripped.
         """
         inputs = self.encode(requests)
+        sampling = (
+            {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p or 1.0}
+            if settings.sampling
+            else {"do_sample": False}
+        )
         config = GenerationConfig(
-            do_sample=False,
+            **sampling,
             num_beams=1,
             use_cache=True,
             max_new_tokens=settings.max_new_tokens,
@@ -228,4 +338,14 @@ class Generator:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-__all__ = ["GenerationSettings", "Generator", "Request", "StreamCallback", "default_device", "load_checkpoint"]
+__all__ = [
+    "QUANTIZED_BITS",
+    "GenerationSettings",
+    "Generator",
+    "Request",
+    "StreamCallback",
+    "check_checkpoint",
+    "default_device",
+    "load_checkpoint",
+    "quantization_config",
+]
