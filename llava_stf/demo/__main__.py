@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from .testing import make_image, tiny_config, tiny_model, tiny_processor, tiny_tokenizer
+from ..testing import make_image, tiny_config, tiny_model, tiny_processor, tiny_tokenizer
 
 PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
