@@ -16,6 +16,9 @@ import torch  # noqa: E402
 
 from llava_stf.testing import IMAGE_TOKEN, tiny_tokenizer  # noqa: E402
 
+# Tiny models gain nothing from a second thread and lose a lot (10x) when other processes share the cores.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def session_tokenizer():

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel
+from transformers.modeling_utils import set_zero3_state
 
 from .configuration_llava_stf import LlavaStfConfig
 from .modeling_llava_stf import LlavaStfForConditionalGeneration, build_projector
@@ -82,7 +83,9 @@ def build_model(
         tie_word_embeddings=bool(getattr(language.config, "tie_word_embeddings", False)),
     )
     # Build the shell on the meta device, then move the loaded towers in: nothing 7B-sized is allocated twice.
-    with torch.device("meta"):
+    # set_zero3_state: under DeepSpeed ZeRO-3, keep transformers from wrapping the shell's sub-models in zero.Init
+    # (it cannot partition meta tensors); the towers loaded above are partitioned already, the projector later.
+    with torch.device("meta"), set_zero3_state():
         model = LlavaStfForConditionalGeneration(config)
     model.model.vision_tower = vision
     model.model.language_model = language.get_decoder()

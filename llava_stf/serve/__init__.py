@@ -1,0 +1,10 @@
+"""Serving: the chat CLI (``python -m llava_stf.serve.cli``) on top of the one generation helper.
+
+``chat.ChatSession`` keeps a multi-turn conversation for ``llava_stf.generation.Generator``; ``images`` loads the
+chat's image from a file or an http(s) URL with a time and size limit; ``cli`` is the terminal / script front end.
+"""
+
+from .chat import ChatError, ChatSession
+from .images import ImageSourceError, open_image_source
+
+__all__ = ["ChatError", "ChatSession", "ImageSourceError", "open_image_source"]

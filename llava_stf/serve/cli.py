@@ -1,0 +1,232 @@
+"""``python -m llava_stf.serve.cli``: chat with a llava_stf checkpoint about an image, streamed; terminal or script.
+
+Usage::
+
+    python -m llava_stf.serve.cli --model-path CKPT --image-file photo.jpg          # interactive, multi-turn
+    python -m llava_stf.serve.cli --model-path CKPT --image-file https://host/photo.jpg --query "What is it?"
+    printf 'What is it?\\nWhat colour is it?\\n' | python -m llava_stf.serve.cli --model-path CKPT --image-file x.png
+
+The conversation template and the image mode are the ones saved with the checkpoint's processor
+(``conversation_template``, ``image_aspect_ratio``), never guessed from its name; answers come from the same
+``Generator`` as evaluation, greedy unless ``--temperature`` is above 0. Interactive (stdin is a terminal): a ``USER:``
+prompt, the answer streamed after ``ASSISTANT:``; an empty line, end of input (Ctrl-D) or Ctrl-C at the prompt quits,
+Ctrl-C during an answer stops it (the exchange is not kept). Scripts (``--query``, repeatable, or questions one per
+line on a stdin that is not a terminal, up to an empty line or EOF): stdout holds only the answers, each ending with a
+newline; messages go to stderr. Every expected failure (image file missing or corrupt, URL unreachable, too slow or too
+large, a folder that is not a llava_stf checkpoint, no CUDA or bitsandbytes for ``--device cuda`` / ``--load-4bit``)
+prints one ``error:`` line on stderr and exits with status 1; ``--debug`` adds each prompt and answer as a JSON line
+on stderr (and tracebacks for load failures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from ..generation import GenerationSettings, Generator, check_checkpoint, default_device, load_checkpoint
+from .chat import ChatError, ChatSession
+from .images import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, ImageSourceError, open_image_source
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+USER, ASSISTANT = "USER: ", "ASSISTANT: "
+
+
+class CliError(Exception):
+    """An expected failure: printed as one ``error:`` line, exit status 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m llava_stf.serve.cli", description=__doc__.splitlines()[0].split(": ", 1)[1]
+    )
+    parser.add_argument("--model-path", type=Path, required=True, help="checkpoint folder (model + LlavaStfProcessor)")
+    parser.add_argument("--image-file", help="image path or http(s) URL for the first question (omit: text only)")
+    parser.add_argument("--query", action="append", help="ask this and exit; repeat for more turns (stdin unread)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0 samples (LLaVA: 0.2)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass when sampling")
+    parser.add_argument("--seed", type=int, default=None, help="seed torch, to repeat sampled answers")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: float16 on CUDA, else 32")
+    bits = parser.add_mutually_exclusive_group()
+    bits.add_argument("--load-8bit", action="store_true", help="quantize the LLM to 8 bits (bitsandbytes, CUDA)")
+    bits.add_argument("--load-4bit", action="store_true", help="quantize the LLM to 4-bit NF4 (bitsandbytes, CUDA)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to download an image URL")
+    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest image download")
+    parser.add_argument("--debug", action="store_true", help="print prompts and answers as JSON lines on stderr")
+    return parser
+
+
+def resolve_device(name: str, load_in_bits: int | None) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a clear error for CUDA or quantization that cannot run here."""
+    device = default_device() if name == "auto" else torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device cuda: no CUDA device is available (torch {torch.__version__}); use --device cpu")
+    if load_in_bits is not None:
+        missing = [] if importlib.util.find_spec("bitsandbytes") else ["the bitsandbytes package (pip install it)"]
+        if device.type != "cuda":
+            missing.append(f"a CUDA device (the device is {device})")
+        if missing:
+            raise CliError(f"--load-{load_in_bits}bit needs bitsandbytes and CUDA; missing: {', '.join(missing)}")
+    return device
+
+
+def check_model_path(path: Path) -> None:
+    """A one-line ``CliError`` unless ``path`` is a llava_stf checkpoint folder (before anything slow is loaded)."""
+    try:
+        check_checkpoint(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise CliError(str(error)) from None
+
+
+def load_generator(args: argparse.Namespace, device: torch.device, load_in_bits: int | None) -> Generator:
+    """The checkpoint's ``Generator``; any failure while loading it becomes a one-line ``CliError``."""
+    dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
+    try:
+        return Generator(*load_checkpoint(args.model_path, device, dtype, load_in_bits))
+    except Exception as err:  # a loading boundary: any failure is about the checkpoint, reported in one line
+        if args.debug:
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CliError(f"cannot load {args.model_path}: {first}") from None
+
+
+def read_questions(args: argparse.Namespace, interactive: bool, stdin: TextIO) -> Iterator[str]:
+    """The user's questions, up to the first empty one or the end of input."""
+    if args.query:
+        lines: Iterator[str] = iter(args.query)
+    elif interactive:
+        lines = _prompts()
+    else:
+        lines = (line.rstrip("\r\n") for line in stdin)
+    for line in lines:
+        if not line.strip():
+            return
+        yield line
+
+
+def _prompts() -> Iterator[str]:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            yield input(USER)
+        except EOFError:
+            print()
+            return
+
+
+class AnswerPrinter:
+    """Stream callback that writes an answer as it arrives, without its leading whitespace (the returned answer is
+    stripped), after an optional prefix."""
+
+    def __init__(self, out: TextIO, prefix: str = ""):
+        self.out, self.prefix, self.started = out, prefix, False
+
+    def __call__(self, text: str) -> None:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return
+            self.out.write(self.prefix)
+            self.started = True
+        self.out.write(text)
+        self.out.flush()
+
+    def finish(self) -> None:
+        self.out.write(("" if self.started else self.prefix) + "\n")
+        self.out.flush()
+
+
+def chat(session: ChatSession, questions: Iterator[str], interactive: bool, debug: bool) -> int:
+    """Answer ``questions`` in order; return the exit status (1 when a question was refused in a script)."""
+    out, err = sys.stdout, sys.stderr
+    answered = 0
+    for raw in questions:
+        question, removed = session.clean(raw)
+        if removed:
+            print(f"note: removed {', '.join(removed)} from the question (control tokens, not text)", file=err)
+        if not question:
+            continue
+        printer = AnswerPrinter(out, ASSISTANT if interactive else "")
+        try:
+            answer = session.ask(question, stream=printer)
+        except ChatError as error:
+            print(f"error: {error}", file=err)
+            if interactive:
+                continue
+            return 1
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            printer.finish()
+            print("(answer interrupted; not kept in the conversation)", file=err)
+            continue
+        printer.finish()
+        if debug:
+            record = {"turn": answered, "prompt": session.last_prompt, "answer": answer}
+            print(json.dumps(record), file=err, flush=True)
+        answered += 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    load_in_bits = 8 if args.load_8bit else 4 if args.load_4bit else None
+    device = resolve_device(args.device, load_in_bits)
+    try:
+        settings = GenerationSettings(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
+        )
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    if args.timeout <= 0 or args.max_image_bytes <= 0:
+        raise CliError("--timeout and --max-image-bytes must be positive")
+    check_model_path(args.model_path)
+    image = None
+    if args.image_file is not None:
+        image = open_image_source(args.image_file, args.timeout, args.max_image_bytes)
+    generator = load_generator(args, device, load_in_bits)
+    session = ChatSession(generator, image, settings)
+    processor, config = generator.processor, generator.model.config
+    print(
+        f"loaded {args.model_path}: projector {getattr(config, 'projector_type', '?')}, {processor.num_image_tokens} "
+        f"image tokens, template {processor.conversation_template}, image mode {processor.image_aspect_ratio}, "
+        f"{generator.device} {next(generator.model.parameters()).dtype}",
+        file=sys.stderr,
+    )
+    if session.single_turn:
+        print("note: a 'plain' (stage-1) checkpoint captions the image; questions are ignored", file=sys.stderr)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    interactive = not args.query and sys.stdin.isatty()
+    if interactive:
+        print("(an empty line or Ctrl-D quits)", file=sys.stderr)
+    return chat(session, read_questions(args, interactive, sys.stdin), interactive, args.debug)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit status (0 done, 1 error, 2 bad arguments, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a generated character gets '?'
+    try:
+        return run(args)
+    except (CliError, ImageSourceError, ChatError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

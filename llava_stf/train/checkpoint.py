@@ -1,0 +1,165 @@
+"""Hand-offs between stages: the stage-1 projector file, its strict loading, and merging a LoRA state dict.
+
+The stage-1 output is ``projector.safetensors`` (keys of ``model.model.multi_modal_projector``, metadata
+``projector_type``) next to the model's ``config.json`` and the processor. Stage 2 loads it with
+``load_projector``, which also takes a file made by ``python -m llava_stf.convert --projector-only`` or an original
+LLaVA / LLaVA-STF ``mm_projector.bin`` (converted on the fly). A different projector setting, a missing or extra key
+or a shape mismatch is an error that names them; under ZeRO-3 the parameters are gathered for the load (LLaVA's
+``torch.Size([0])`` failure, reference §9.7).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llava_stf.model.conversion import ConversionError, convert_projector_state_dict
+
+from .stages import PROJECTOR_ATTR
+
+logger = logging.getLogger(__name__)
+
+PROJECTOR_FILE = "projector.safetensors"
+LLAVA_PROJECTOR_FILE = "mm_projector.bin"
+# config.json fields that must agree between the stage-1 run and the model that loads its projector
+MATCHED_FIELDS = ("projector_type", "projector_kwargs", "vision_feature_layer", "vision_feature_select_strategy")
+
+
+@contextmanager
+def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Gather ZeRO-3 partitioned parameters for the duration of the block (a no-op without ZeRO-3)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield
+
+
+def save_projector(projector: nn.Module, path: str | Path, projector_type: str, write: bool = True) -> Path:
+    """Write the projector's weights alone to ``path`` (every rank must call this under ZeRO-3; ``write`` on one)."""
+    path = Path(path)
+    with gathered(projector.parameters()):
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in projector.state_dict().items()}
+    if write:
+        save_file(state, path, metadata={"format": "pt", "projector_type": projector_type})
+    return path
+
+
+def _check_config(source: Path, config) -> None:
+    saved = json.loads(source.read_text())
+    ours = config.to_dict()
+    diff = {k: (saved.get(k), ours.get(k)) for k in MATCHED_FIELDS if k in saved and saved.get(k) != ours.get(k)}
+    for tower in ("vision_config", "text_config"):
+        if saved.get(tower, {}).get("hidden_size") != ours[tower]["hidden_size"]:
+            diff[f"{tower}.hidden_size"] = (saved.get(tower, {}).get("hidden_size"), ours[tower]["hidden_size"])
+    if diff:
+        rows = "; ".join(f"{k}: file {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"the projector in {str(source.parent)!r} was trained for another model: {rows}")
+
+
+def read_projector_file(path: str | Path, config, source: str | None = None) -> dict[str, torch.Tensor]:
+    """The projector state dict in ``path`` (a stage-1 folder, a ``.safetensors`` file or a LLaVA ``.bin``).
+
+    Args:
+        path: stage-1 output folder, projector safetensors file, or ``mm_projector.bin`` (file or its folder).
+        config: the ``LlavaStfConfig`` of the model that will load it (checked against the saved settings).
+        source: for a ``.bin``: ``llava`` or ``llava-stf-official``; ``None`` guesses from the keys.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in (PROJECTOR_FILE, LLAVA_PROJECTOR_FILE):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise FileNotFoundError(f"no {PROJECTOR_FILE} or {LLAVA_PROJECTOR_FILE} in {str(path)!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"projector file {str(path)!r} does not exist")
+    if (path.parent / "config.json").is_file():
+        _check_config(path.parent / "config.json", config)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            saved_type = (f.metadata() or {}).get("projector_type")
+        if saved_type is not None and saved_type != config.projector_type:
+            raise ValueError(
+                f"{str(path)!r} holds a {saved_type!r} projector but the model's projector_type is "
+                f"{config.projector_type!r}"
+            )
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if source is None:
+        source = "llava-stf-official" if any("mm_projector_crosslayer" in k for k in state) else "llava"
+    return convert_projector_state_dict(source, state)
+
+
+def load_projector(model: nn.Module, path: str | Path, source: str | None = None) -> None:
+    """Load a stage-1 projector into ``model.model.multi_modal_projector`` (strict; works under ZeRO-3).
+
+    Raises:
+        ValueError: settings, keys or shapes that do not match, all named.
+    """
+    projector = getattr(model.model, PROJECTOR_ATTR)
+    state = read_projector_file(path, model.config, source)
+    with gathered(projector.parameters(), modifier_rank=0):
+        expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        common = sorted(set(state) & set(expected))
+        shapes = [f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}" for k in common
+                  if tuple(state[k].shape) != expected[k]]  # fmt: skip
+        if missing or unexpected or shapes:
+            raise ConversionError(
+                f"projector file {str(path)!r} does not fit projector_type {model.config.projector_type!r}: "
+                f"missing keys {missing}, unexpected keys {unexpected}, shape mismatches {shapes}"
+            )
+        projector.load_state_dict(state, strict=True)
+    logger.info("loaded the %d projector tensors from %s", len(state), path)
+
+
+def merge_lora_state_dict(state: Mapping[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """PEFT LoRA model state dict -> the plain model's state dict with ``W + scaling * B @ A`` folded in.
+
+    Handles PEFT's layout: a ``base_model.model.`` prefix, ``<layer>.base_layer.weight`` with
+    ``<layer>.lora_A.default.weight`` / ``lora_B``, and ``modules_to_save`` copies (the trained one is kept, the
+    ``original_module`` dropped). Any other LoRA key is an error rather than a silently unmerged adapter.
+    """
+    prefix = "base_model.model."
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key[len(prefix) :] if key.startswith(prefix) else key
+        if ".lora_A." in name or ".lora_B." in name or ".original_module." in name:
+            continue
+        if "lora_" in name:
+            raise ValueError(f"cannot merge LoRA key {key!r} (only plain LoRA on Linear layers is supported)")
+        if ".base_layer." in name:
+            layer = name.split(".base_layer.")[0]
+            name = name.replace(".base_layer.", ".")
+            a = state.get(f"{prefix}{layer}.lora_A.default.weight")
+            b = state.get(f"{prefix}{layer}.lora_B.default.weight")
+            if name.endswith(".weight") and a is not None and b is not None:
+                value = (value.float() + scaling * (b.float() @ a.float())).to(value.dtype)
+        name = name.replace(".modules_to_save.default.", ".")
+        out[name] = value
+    return out
+
+
+__all__ = [
+    "LLAVA_PROJECTOR_FILE",
+    "PROJECTOR_FILE",
+    "gathered",
+    "load_projector",
+    "merge_lora_state_dict",
+    "read_projector_file",
+    "save_projector",
+]

@@ -1,0 +1,149 @@
+"""The stage table: what trains, what is frozen, which template and image mode, and what is saved.
+
+| stage | trainable | frozen | template | images | saved |
+|---|---|---|---|---|---|
+| ``pretrain`` | projector | vision tower, LLM | ``plain`` | ``square`` | projector weights, config, processor |
+| ``finetune`` | projector, LLM (embeddings, LM head) | vision tower | ``vicuna_v1`` | ``pad`` | full model |
+| ``lora`` | LoRA on LLM ``Linear``s, projector | vision tower, base LLM | ``vicuna_v1`` | ``pad`` | adapter, merged |
+
+The vision tower is always frozen; with no parameter needing a gradient and an input that needs none, autograd
+records nothing there, which is LLaVA's ``no_grad`` tower. ``apply_stage`` is the one place that sets
+``requires_grad``; it logs the frozen and trainable parameter counts per part.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PARTS = ("vision_tower", "projector", "language_model", "lora")
+PROJECTOR_ATTR = "multi_modal_projector"  # attribute name of the projector (a contract of the model package)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table."""
+
+    name: str
+    trains: tuple[str, ...]  # parts trained in full: "projector", "language_model"
+    lora: bool  # LoRA adapters on the language model's Linear layers (the base stays frozen)
+    template: str  # conversation template (saved with the processor)
+    image_aspect_ratio: str  # image mode (saved with the processor)
+    saves: str  # "projector" (weights alone), "model" (full model), "lora" (adapter + merged model)
+
+
+STAGES: Mapping[str, Stage] = MappingProxyType(
+    {
+        "pretrain": Stage("pretrain", ("projector",), False, "plain", "square", "projector"),
+        "finetune": Stage("finetune", ("projector", "language_model"), False, "vicuna_v1", "pad", "model"),
+        "lora": Stage("lora", ("projector",), True, "vicuna_v1", "pad", "lora"),
+    }
+)
+
+
+def get_stage(name: str) -> Stage:
+    """Look up a stage; an unknown name lists the valid ones."""
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise ValueError(f"unknown stage {name!r}; valid stages: {sorted(STAGES)}") from None
+
+
+def part_of(name: str) -> str:
+    """Which part a parameter belongs to, from its name (plain or PEFT-wrapped model)."""
+    if "lora_" in name:
+        return "lora"
+    if f".{PROJECTOR_ATTR}." in f".{name}":
+        return "projector"
+    if ".vision_tower." in f".{name}":
+        return "vision_tower"
+    return "language_model"
+
+
+def numel(param: nn.Parameter) -> int:
+    """Element count, also for a ZeRO-3 partitioned parameter (whose local tensor is empty)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def parameter_counts(model: nn.Module) -> dict[str, Counter]:
+    """``{"trainable": Counter(part -> n), "frozen": Counter(part -> n)}``."""
+    counts = {"trainable": Counter(), "frozen": Counter()}
+    for name, param in model.named_parameters():
+        counts["trainable" if param.requires_grad else "frozen"][part_of(name)] += numel(param)
+    return counts
+
+
+def log_parameter_counts(model: nn.Module, stage: Stage) -> dict[str, Counter]:
+    """Log frozen and trainable counts per part ("frozen: vision_tower 303.5M, ...; trainable: projector 172.0M")."""
+    counts = parameter_counts(model)
+
+    def fmt(c: Counter) -> str:
+        return ", ".join(f"{part} {n / 1e6:.3f}M" for part, n in sorted(c.items())) or "nothing"
+
+    logger.info("stage %s: trainable: %s; frozen: %s", stage.name, fmt(counts["trainable"]), fmt(counts["frozen"]))
+    return counts
+
+
+def apply_stage(model: nn.Module, stage: Stage) -> dict[str, Counter]:
+    """Set ``requires_grad`` for ``stage`` on a ``LlavaStfForConditionalGeneration`` (before any LoRA wrap).
+
+    Returns:
+        The logged parameter counts.
+    """
+    model.requires_grad_(False)
+    modules = {
+        "projector": [getattr(model.model, PROJECTOR_ATTR)],
+        "language_model": [model.model.language_model, model.lm_head],
+    }
+    for part in stage.trains:
+        for module in modules[part]:
+            module.requires_grad_(True)
+    return log_parameter_counts(model, stage)
+
+
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """Full names of every ``nn.Linear`` in the language model (LLaVA: all LLM linears; ``lm_head`` excluded)."""
+    prefix = "model.language_model."
+    return [prefix + n for n, m in model.model.language_model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def wrap_lora(model: nn.Module, stage: Stage, r: int, alpha: int, dropout: float) -> nn.Module:
+    """Add LoRA adapters to the LLM's linear layers and keep a trainable copy of the projector (PEFT).
+
+    The projector is a PEFT ``modules_to_save`` entry, so the saved adapter holds the trained projector too.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        bias="none",
+        target_modules=lora_target_modules(model),
+        modules_to_save=[PROJECTOR_ATTR],
+    )
+    peft_model = get_peft_model(model, config)
+    log_parameter_counts(peft_model, stage)
+    return peft_model
+
+
+__all__ = [
+    "PARTS",
+    "PROJECTOR_ATTR",
+    "STAGES",
+    "Stage",
+    "apply_stage",
+    "get_stage",
+    "log_parameter_counts",
+    "lora_target_modules",
+    "parameter_counts",
+    "part_of",
+    "wrap_lora",
+]

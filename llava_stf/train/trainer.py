@@ -1,0 +1,137 @@
+"""``LlavaStfTrainer``: transformers' ``Trainer`` with LLaVA's optimizer groups, sampler and data accounting.
+
+Only documented extension points are overridden:
+
+- ``create_optimizer``: parameter groups {decay, no decay} x {projector, rest}; the projector groups use
+  ``projector_lr``. Projector parameters are the trainable ones under ``multi_modal_projector`` (the official
+  LLaVA-STF release's always-true filter gave *every* parameter the projector rate; reference-official §3);
+- ``_get_train_sampler``: a seeded shuffle, or LLaVA's ``group_by_modality_length`` order, both replayed exactly on
+  resume (``set_epoch``);
+- ``compute_loss``: takes the collator's ``data_events`` out of the batch before the forward pass, counts skipped
+  and truncated samples, and stops the run when more than ``max_bad_sample_fraction`` of the samples are bad;
+- ``log``: adds the running counts to every log line;
+- ``save_model``: periodic checkpoints of a plain (non-DeepSpeed, non-PEFT) run keep the model's own key names.
+  ``save_pretrained`` writes the llava-hf key layout by default, but the Trainer's resume reloads a checkpoint with a
+  plain ``load_state_dict``, which matches none of those keys and only warns: training would silently continue from
+  the freshly built weights (transformers 5.23). Final saves keep the default layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from llava_stf.data.dataset import BadSampleError
+from llava_stf.data.sampler import ModalityLengthGroupedSampler, ShuffleSampler
+
+from .stages import part_of
+
+logger = logging.getLogger(__name__)
+
+MIN_SAMPLES_FOR_FRACTION = 200  # judge the bad-sample fraction only once this many samples were drawn
+
+
+class LlavaStfTrainer(Trainer):
+    """``Trainer`` for the stage table (see the module docstring).
+
+    Args:
+        projector_lr: learning rate of the projector parameters (``None``: ``args.learning_rate``).
+        group_by_modality_length: use LLaVA's modality- and length-grouped order.
+        max_bad_sample_fraction: stop when more than this fraction of drawn samples were bad.
+        *args, **kwargs: ``transformers.Trainer`` arguments.
+    """
+
+    def __init__(
+        self,
+        *args,
+        projector_lr: float | None = None,
+        group_by_modality_length: bool = False,
+        max_bad_sample_fraction: float = 0.05,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.projector_lr = projector_lr
+        self.group_by_modality_length = group_by_modality_length
+        self.max_bad_sample_fraction = max_bad_sample_fraction
+        self.data_counts: Counter = Counter()  # "samples", "truncated", "skipped", "skipped/<reason>" (this rank)
+
+    # ------------------------------------------------------------------------------------------------ optimizer
+    def optimizer_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """The parameter groups ``create_optimizer`` builds (empty groups left out)."""
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                groups.setdefault((part_of(name) == "projector", name in decay), []).append(param)
+        out = []
+        for (is_projector, has_decay), params in sorted(groups.items()):
+            group: dict[str, Any] = {"params": params, "weight_decay": self.args.weight_decay if has_decay else 0.0}
+            if is_projector and self.projector_lr is not None:
+                group["lr"] = self.projector_lr
+            out.append(group)
+        return out
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(self.optimizer_groups(opt_model), **optimizer_kwargs)
+        return self.optimizer
+
+    # -------------------------------------------------------------------------------------------------- sampler
+    def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.group_by_modality_length:
+            world = self.args.world_size * self.args.gradient_accumulation_steps
+            batch = self.args.train_batch_size
+            return ModalityLengthGroupedSampler(dataset.modality_lengths, batch, world, self.args.seed)
+        return ShuffleSampler(len(dataset), self.args.seed)
+
+    # ----------------------------------------------------------------------------------------- data accounting
+    def count_data_events(self, events: dict[str, Any] | None, batch_size: int) -> None:
+        """Add one batch's ``data_events``; raise ``BadSampleError`` past ``max_bad_sample_fraction``."""
+        if not events:
+            return
+        skipped = events.get("skipped", [])
+        self.data_counts["samples"] += batch_size + len(skipped)
+        self.data_counts["truncated"] += int(events.get("truncated", 0))
+        self.data_counts["skipped"] += len(skipped)
+        self.data_counts.update(f"skipped/{reason}" for reason in skipped)
+        drawn, bad = self.data_counts["samples"], self.data_counts["skipped"]
+        if drawn >= MIN_SAMPLES_FOR_FRACTION and bad > self.max_bad_sample_fraction * drawn:
+            reasons = {k: v for k, v in self.data_counts.items() if k.startswith("skipped/")}
+            raise BadSampleError(
+                f"{bad} of {drawn} samples drawn were bad ({reasons}) > max_bad_sample_fraction="
+                f"{self.max_bad_sample_fraction}; fix the data (python -m llava_stf.data.validate) or raise the limit"
+            )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        events = inputs.pop("data_events", None)
+        self.count_data_events(events, int(inputs["input_ids"].shape[0]))
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    # --------------------------------------------------------------------------------------------------- saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        plain = isinstance(self.model, PreTrainedModel) and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        if not (_internal_call and plain):
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            self.model.save_pretrained(output_dir, save_original_format=False)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.data_counts:
+            logs = {**logs, **{f"data/{k}": float(v) for k, v in sorted(self.data_counts.items())}}
+        super().log(logs, start_time)
+
+
+__all__ = ["LlavaStfTrainer"]
