@@ -211,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
     )
     run(parse_config(argv))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Tear the process group down before the interpreter exits: left to atexit, gloo's threads can abort a rank
+        # ("terminate called without an active exception") after a successful run.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 
