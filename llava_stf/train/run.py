@@ -212,10 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     run(parse_config(argv))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Tear the process group down before the interpreter exits: left to atexit, gloo's threads can abort a rank
-        # ("terminate called without an active exception") after a successful run.
+        # Every output is written and every rank is here. Leave without the interpreter's teardown: on CPU (gloo +
+        # DeepSpeed's comm ops) a rank sometimes aborts while destroying native threads at exit ("terminate called
+        # without an active exception"), which turns a finished run into a failed launch.
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
