@@ -40,6 +40,8 @@ def build_model(
     projector_type: str = "mbtf_stf",
     projector_kwargs: dict[str, Any] | None = None,
     vision_feature_layer: int | list[int] | None = None,
+    reducer_type: str | None = None,
+    reducer_kwargs: dict[str, Any] | None = None,
     image_aspect_ratio: str = "square",
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
@@ -54,6 +56,8 @@ def build_model(
         projector_type: registry name; see ``llava_stf.model.PROJECTORS``.
         projector_kwargs: projector settings (``None`` values are resolved from the shapes).
         vision_feature_layer: hidden-state indices to read; ``None`` uses the projector's default.
+        reducer_type: optional token reducer (``prumerge``, ``prumerge_plus``, ``fastv``); see ``model.reducers``.
+        reducer_kwargs: the reducer's settings.
         image_aspect_ratio: processor image mode, ``"square"`` (stage 1) or ``"pad"`` (stage 2 and eval).
         dtype: load dtype for both towers (``None``: float32).
         attn_implementation: e.g. ``"sdpa"``; ``None`` lets transformers choose.
@@ -80,6 +84,8 @@ def build_model(
         projector_type=projector_type,
         projector_kwargs=projector_kwargs,
         vision_feature_layer=vision_feature_layer,
+        reducer_type=reducer_type,
+        reducer_kwargs=reducer_kwargs,
         tie_word_embeddings=bool(getattr(language.config, "tie_word_embeddings", False)),
     )
     # Build the shell on the meta device, then move the loaded towers in: nothing 7B-sized is allocated twice.

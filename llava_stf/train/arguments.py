@@ -35,6 +35,8 @@ class ModelArguments:
     projector_type: str | None = field(default=None, metadata={"help": "PROJECTORS name (default mbtf_stf)"})
     projector_kwargs: dict | str | None = field(default=None, metadata={"help": "projector settings (JSON on CLI)"})
     vision_feature_layer: list[int] | None = field(default=None, metadata={"help": "vision hidden-state indices"})
+    reducer_type: str | None = field(default=None, metadata={"help": "REDUCERS name: prumerge | prumerge_plus | fastv"})
+    reducer_kwargs: dict | str | None = field(default=None, metadata={"help": "reducer settings (JSON on CLI)"})
     pretrained_projector: str | None = field(
         default=None, metadata={"help": "stage-1 output folder, projector .safetensors, or LLaVA mm_projector.bin"}
     )
@@ -129,6 +131,8 @@ def _finish(model: ModelArguments, data: DataArguments, stage: StageArguments) -
     apply_preset(model)
     if isinstance(model.projector_kwargs, str):
         model.projector_kwargs = json.loads(model.projector_kwargs)
+    if isinstance(model.reducer_kwargs, str):
+        model.reducer_kwargs = json.loads(model.reducer_kwargs)
     if isinstance(model.vision_feature_layer, list) and len(model.vision_feature_layer) == 1:
         model.vision_feature_layer = model.vision_feature_layer[0]
     model.projector_type = model.projector_type or "mbtf_stf"

@@ -109,6 +109,8 @@ def build(config: RunConfig, stage: Stage) -> tuple[LlavaStfForConditionalGenera
         projector_type=m.projector_type,
         projector_kwargs=m.projector_kwargs,
         vision_feature_layer=m.vision_feature_layer,
+        reducer_type=m.reducer_type,
+        reducer_kwargs=m.reducer_kwargs,
         image_aspect_ratio=d.image_aspect_ratio or stage.image_aspect_ratio,
         dtype=load_dtype(config),
         attn_implementation=m.attn_implementation,

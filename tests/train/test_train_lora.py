@@ -46,3 +46,33 @@ def test_lora_stage_saves_an_adapter_and_a_merged_model_that_generates(world, tm
         torch.testing.assert_close(merged, trainer.model.eval()(**inputs).logits, rtol=1e-5, atol=1e-5)
     out_ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out_ids.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_lora_stage_trains_with_a_prumerge_reducer(world, tmp_path):
+    """PruMerge chosen by config at training time: recorded in config.json, the merged model reloads and generates."""
+    out = tmp_path / "lora_prumerge"
+    config = parse_config(
+        tiny_run_args(
+            world.towers,
+            world.instruct,
+            out,
+            "lora",
+            projector_type="mlp2x_gelu",
+            reducer_type="prumerge_plus",
+            reducer_kwargs=json.dumps({"knn": 4}),
+            num_train_epochs=1,
+            learning_rate=5e-3,
+            lora_r=4,
+            lora_alpha=8,
+        )
+    )
+    trainer = run(config)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["reducer_type"] == "prumerge_plus" and saved["reducer_kwargs"]["knn"] == 4
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.num_image_tokens == model.config.num_image_tokens
+    inputs = processor(images=[make_image(1)], text=["USER: <image>\nWhat color is the image? ASSISTANT:"])
+    out_ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out_ids.shape[1] > inputs["input_ids"].shape[1]
