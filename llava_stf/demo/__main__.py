@@ -1,66 +1,91 @@
-"""``python -m llava_stf.demo``: the smallest honest end-to-end run of the package, offline, in seconds on a CPU.
+"""``python -m llava_stf.demo``: the main job on the embedded default, offline on a CPU in a few minutes.
 
-It builds a tiny MBTF+STF model next to the LLaVA-1.5 baseline projector (random weights from the offline test kit),
-saves and reloads both through transformers' Auto classes, processes one generated image, and greedily generates a
-few tokens with the KV cache. The printed text is noise: the models are untrained. What it shows is the plumbing —
-registry projector, placeholder expansion, save/load, generation — and the visual-token saving of STF.
+``python -m llava_stf.demo [--out playground/demo] [--seed 0] [--fast]`` generates the visual-QA world, pre-trains
+the tiny vision tower, trains a tiny ``mbtf_stf`` LLaVA in two stages with ``llava_stf.train.run``, evaluates it with
+the ``synthetic`` benchmark, asks it one question about a generated image through ``ChatSession``, and prints a short
+summary (accuracy per question family, visual tokens, FLOPs). A second run reuses every valid step (see
+``pipeline``). ``--fast`` is a seconds-scale configuration for tests (its numbers mean nothing).
+
+``python -m llava_stf.demo compare [--seeds 0 1] [--projectors ...]`` trains the six projectors under the same
+budget and seeds and writes ``results.md``, ``results.csv`` and ``results.png`` (see ``compare``).
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
+import dataclasses
+import json
+import logging
+import os
+import sys
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from .pipeline import FAST, DemoSettings, RunReport, run_pipeline
 
-from ..testing import make_image, tiny_config, tiny_model, tiny_processor, tiny_tokenizer
-
-PROMPT = (
-    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the user's questions. USER: <image>\nWhat is shown? ASSISTANT:"
-)
+DEFAULT_OUT = Path("playground/demo")
 
 
-def run(out_dir: Path, projectors: list[str], max_new_tokens: int) -> None:
-    tokenizer = tiny_tokenizer()
-    image = make_image(seed=0, size=(48, 40))
-    print(f"{'projector':12} {'image tokens':>12} {'prompt tokens':>13} {'params':>8} {'gen s':>6}  output")
-    for name in projectors:
-        config = tiny_config(tokenizer, name)
-        path = out_dir / name
-        tiny_model(config).save_pretrained(path)
-        tiny_processor(config, tokenizer).save_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(path).eval()
-        processor = AutoProcessor.from_pretrained(path)
-        inputs = processor(images=[image], text=[PROMPT])
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        seconds = time.perf_counter() - start
-        text = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(
-            f"{name:12} {config.num_image_tokens:>12} {inputs['input_ids'].shape[1]:>13} {n_params:>8,} "
-            f"{seconds:>6.2f}  {text!r}"
-        )
-    print(f"checkpoints in {out_dir} (untrained weights: the text above is noise, the token counts are the point)")
+def chat_once(report: RunReport, data: Path) -> tuple[str, str, str]:
+    """Ask the trained checkpoint one held-out question about its image; returns (question, answer, expected)."""
+    from PIL import Image
+
+    from ..generation import GenerationSettings, Generator, load_checkpoint
+    from ..serve.chat import ChatSession
+
+    questions = [json.loads(line) for line in (data / "eval" / "questions.jsonl").read_text().splitlines()]
+    answers = {a["question_id"]: a["answer"] for a in map(json.loads, (data / "eval" / "answers.jsonl").open())}
+    q = next((q for q in questions if q["category"] == "color"), questions[0])
+    session = ChatSession(
+        Generator(*load_checkpoint(report.checkpoint)),
+        Image.open(data / q["image"]).convert("RGB"),
+        GenerationSettings(max_new_tokens=16),
+    )
+    return q["text"].split("\n")[0], session.ask(q["text"]), answers[q["question_id"]]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="where to save the tiny checkpoints (default: temp)")
-    parser.add_argument("--projectors", nargs="+", default=["mlp2x_gelu", "mbtf_stf"])
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+def summary(report: RunReport, chat: tuple[str, str, str] | None) -> str:
+    m = report.metrics
+    families = sorted(k.removeprefix("accuracy_") for k in m if k.startswith("accuracy_"))
+    lines = [
+        f"model {report.name}: {report.checkpoint}",
+        f"  visual tokens per image: {report.image_tokens}; prefill FLOPs (image + 32 text tokens): "
+        f"{report.flops / 1e6:.1f} M",
+        f"  train loss: stage 1 {report.train_loss['stage1']}, stage 2 {report.train_loss['stage2']}",
+        f"  accuracy: {m['accuracy']:.1f}% of {m['questions']} held-out questions",
+        *(f"    {f:10} {m['accuracy_' + f]:5.1f}%  ({m['questions_' + f]} questions)" for f in families),
+    ]
+    if chat is not None:
+        lines += [f"  chat: USER {chat[0]!r}", f"        ASSISTANT {chat[1]!r}  (expected {chat[2]!r})"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        from .compare import main as compare_main
+
+        return compare_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m llava_stf.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="artifact folder (default: playground/demo)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (the generated world stays seed 0)")
+    parser.add_argument("--fast", action="store_true", help="seconds-scale settings for tests (numbers are noise)")
+    parser.add_argument("--projector", default="mbtf_stf", help="projector registry name (default: mbtf_stf)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-chat", action="store_true", help="skip the chat answer")
     args = parser.parse_args(argv)
-    if args.out is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            run(Path(tmp), args.projectors, args.max_new_tokens)
-    else:
-        run(args.out, args.projectors, args.max_new_tokens)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # load reports of the towers' unused heads are expected here
+    hf_logging.disable_progress_bar()
+    settings = dataclasses.replace(FAST if args.fast else DemoSettings(), seed=args.seed, projector_type=args.projector)
+    name = f"{args.projector}-seed{args.seed}" + ("-fast" if args.fast else "")
+    report = run_pipeline(args.out, settings, name=name, progress=not args.no_progress)
+    chat = None if args.no_chat else chat_once(report, args.out / "synthetic")
+    print(summary(report, chat), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

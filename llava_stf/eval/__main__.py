@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..generation import GenerationSettings, Generator, default_device, load_checkpoint
-from .benchmarks import BENCHMARKS, Benchmark, Options, Result, get_benchmark
+from .benchmarks import BENCHMARKS, PAPER_BENCHMARKS, Benchmark, Options, Result, get_benchmark
 from .engine import Sample, Shard, check_images, count_answered, finalize, remove_answers, run_shard
 from .results import PAPER_ROWS, format_table, load_results, results_file, table_row, update_results
 
@@ -104,7 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m llava_stf.eval",
         description="Answer, merge and score LLaVA-1.5's nine benchmarks; print tables.",
     )
-    parser.add_argument("--benchmark", nargs="+", default=[], help=f"'all' or any of: {', '.join(BENCHMARKS)}")
+    parser.add_argument(
+        "--benchmark", nargs="+", default=[], help=f"'all' (the paper's nine) or any of: {', '.join(BENCHMARKS)}"
+    )
     parser.add_argument("--model-path", nargs="+", type=Path, required=True, help="checkpoint folder(s)")
     parser.add_argument("--model-id", help="name in answer files and results (default: the checkpoint folder name)")
     parser.add_argument("--data-root", type=Path, default=Path("playground/data/eval"))
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.record:
         _record(args, model_ids[0])
     if args.benchmark:
-        names = list(BENCHMARKS) if args.benchmark == ["all"] else args.benchmark
+        names = list(PAPER_BENCHMARKS) if args.benchmark == ["all"] else args.benchmark
         benches = [get_benchmark(name) for name in names]
         shard = Shard.from_env(args.num_chunks, args.chunk_idx)
         if args.overwrite and shard.count > 1:

@@ -64,7 +64,9 @@ def model_run(benchmark: str, checkpoint: Path, root: Path, questions: int, **op
 
 
 def test_registry_has_the_nine_benchmarks() -> None:
-    assert list(BENCHMARKS) == ["gqa", "sqa", "textvqa", "pope", "mmbench", "mmbench_cn", "vqav2", "vizwiz", "mme"]
+    assert list(BENCHMARKS) == [
+        "gqa", "sqa", "textvqa", "pope", "mmbench", "mmbench_cn", "vqav2", "vizwiz", "mme", "synthetic"
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="unknown benchmark 'coco'; valid benchmarks: gqa, sqa"):
         get_benchmark("coco")
 
