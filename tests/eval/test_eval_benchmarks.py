@@ -13,7 +13,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
-from conftest import (
+from eval_fixtures import (
     make_gqa,
     make_mmbench,
     make_mme,

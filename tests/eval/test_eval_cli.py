@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_pope, make_vizwiz, save_image, write_jsonl
+from eval_fixtures import make_pope, make_vizwiz, save_image, write_jsonl
 
 import llava_stf.eval.__main__ as cli
 from llava_stf.eval.answers import parts_dir, read_jsonl

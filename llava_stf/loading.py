@@ -1,0 +1,130 @@
+"""Loading a llava_stf checkpoint for inference: a one-line check of the folder, optional 8/4-bit quantization.
+
+Shared by the generation helper (evaluation, chat, the lmms-eval plugin). A folder that is not a llava_stf checkpoint
+(a LoRA adapter, a stage-1 projector-only folder, another model type, no processor) is refused with a reason before
+anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+from .model import LlavaStfProcessor  # importing .model registers llava_stf with the Auto classes
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+QUANTIZED_BITS = (4, 8)  # load_checkpoint(load_in_bits=...) with bitsandbytes on a CUDA device
+NOT_QUANTIZED = ["vision_tower", "multi_modal_projector", "lm_head"]  # kept in ``dtype`` when quantizing the LLM
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Raise a one-line error unless ``path`` is a llava_stf checkpoint: ``config.json``, weights and processor.
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a folder.
+        ValueError: Saying what is missing or foreign (a LoRA adapter, a stage-1 projector folder, another model
+            type, a processor other than ``LlavaStfProcessor``).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    config = _read_json(path / "config.json")
+    if config is None:
+        hint = (
+            " (it holds a LoRA adapter: use the merged model its training run saved)"
+            if (path / "adapter_config.json").is_file()
+            else ""
+        )
+        raise ValueError(f"{path} is not a llava_stf checkpoint: no config.json{hint}")
+    if config.get("model_type") != "llava_stf":
+        raise ValueError(
+            f"{path} holds a {config.get('model_type')!r} model, not a llava_stf checkpoint (model_type "
+            "'llava_stf'); convert it first with python -m llava_stf.convert"
+        )
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ValueError(
+            f"{path} has a llava_stf config but no model weights ({', '.join(WEIGHT_FILES)}); a stage-1 output "
+            "holds only the projector: use a stage-2 output or a converted checkpoint"
+        )
+    processor = _read_json(path / "processor_config.json")
+    if processor is None or processor.get("processor_class") != "LlavaStfProcessor":
+        found = "none" if processor is None else repr(processor.get("processor_class"))
+        raise ValueError(f"{path} has no LlavaStfProcessor saved in processor_config.json (found: {found})")
+
+
+def _read_json(file: Path) -> dict | None:
+    """The JSON object in ``file``; ``None`` when there is no such file; ``ValueError`` when it is not valid JSON."""
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is not a readable JSON file: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} does not hold a JSON object")
+    return data
+
+
+def quantization_config(bits: int, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """bitsandbytes settings for ``load_in_bits``: the LLM's linear layers in 8 bits, or 4-bit NF4 with double
+    quantization as LLaVA's ``--load-4bit``; the vision tower, the projector and ``lm_head`` stay unquantized."""
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NOT_QUANTIZED)
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type="nf4",
+            llm_int8_skip_modules=NOT_QUANTIZED,
+        )
+    raise ValueError(f"load_in_bits must be one of {QUANTIZED_BITS}, got {bits!r}")
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    load_in_bits: int | None = None,
+) -> tuple[torch.nn.Module, LlavaStfProcessor]:
+    """Load ``(model, processor)`` from a checkpoint folder with transformers' Auto classes, in eval mode.
+
+    Args:
+        path: A folder written by ``save_pretrained`` (model + ``LlavaStfProcessor``).
+        device: Where to put the model (default: ``cuda`` when available, else ``cpu``).
+        dtype: Weight dtype (default: float16 on a GPU, as LLaVA evaluates, float32 on a CPU).
+        load_in_bits: 8 or 4 to quantize the LLM with bitsandbytes (``quantization_config``); needs a CUDA device
+            and the ``bitsandbytes`` package.
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a folder.
+        ValueError: If ``path`` is not a llava_stf checkpoint (``check_checkpoint``), or quantization is asked for
+            on a device other than CUDA.
+    """
+    path = Path(path)
+    check_checkpoint(path)
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if load_in_bits is None:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    else:
+        if device.type != "cuda":
+            raise ValueError(f"{load_in_bits}-bit loading needs a CUDA device (bitsandbytes), got {device}")
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, quantization_config=quantization_config(load_in_bits, dtype), device_map={"": device}
+        )
+    processor = AutoProcessor.from_pretrained(path)
+    return model.eval(), processor
