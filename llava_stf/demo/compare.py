@@ -2,11 +2,11 @@
 
 Each (projector, seed) runs the demo pipeline (``pipeline.run_pipeline``) with identical settings except
 ``projector_type`` and ``seed``: the same generated world (data seed 0), the same pre-trained vision tower, a tiny
-LLM initialised from the seed, the same epochs / batch / learning rates for both stages. Runs are cached like the
-demo's (the demo's own ``mbtf_stf-seed0`` run is reused). Writes into ``--results`` (default
-``<out>/compare``): ``results.csv`` (one row per run), ``results.md`` (mean and spread over seeds per projector and
-question family) and ``results.png`` (accuracy against visual tokens and against prefill FLOPs, one panel per
-family; matplotlib, Agg backend). The world is not tuned for any projector.
+LLM initialised from the seed and pre-trained on the world's text, the same epochs / batch / learning rates for both
+stages. Runs are cached like the demo's (the demo's own ``mbtf_stf-seed0`` run is reused). Writes into
+``--results`` (default ``<out>/compare``): ``results.csv`` (one row per run), ``results.md`` (mean and spread over
+seeds per projector and question family) and ``results.png`` (accuracy against visual tokens and against prefill
+FLOPs, one panel per family; matplotlib, Agg backend). The world is not tuned for any projector.
 """
 
 from __future__ import annotations

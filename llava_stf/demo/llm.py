@@ -1,0 +1,78 @@
+"""Text pre-training of the demo's tiny Llama on the generated world's text (the demo's stand-in for Vicuna).
+
+LLaVA starts from a pre-trained LLM: stage 1 trains only the projector against a frozen LLM, which is useless when
+that LLM is random (it cannot read the captions the projector should map onto). This trains the from-scratch tiny
+Llama as a plain causal LM on the world's text (``world_documents``: captions, and instruction records preceded by
+their scene's caption; no images) for a fixed number of steps before stage 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+
+def world_documents(data: Path) -> list[str]:
+    """The LLM's text corpus: every caption alone, and every instruction record as one document, preceded by the
+    caption of its scene when it has one (so the LLM learns to answer from a described scene, as a pre-trained LLM
+    can, before the projector must learn to describe the scene to it). ``<image>`` tags are removed."""
+    captions = {r["image"]: r["conversations"][1]["value"] for r in json.loads((data / "pretrain.json").read_text())}
+    docs = list(captions.values())
+    for record in json.loads((data / "instruct.json").read_text()):
+        turns = "\n".join(t["value"].replace("<image>", "").strip() for t in record["conversations"])
+        docs.append(f"{captions[record['image']]}\n{turns}" if record.get("image") in captions else turns)
+    return docs
+
+
+def pretrain_text(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    steps: int,
+    lr: float,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = False,
+) -> float:
+    """Train ``model`` in place with next-token loss on ``texts`` (each one document: BOS + text + EOS, padded with
+    ignored labels); returns the mean loss of the last 10 steps (``nan`` when ``steps`` is 0)."""
+    if not texts:
+        raise ValueError("pretrain_text: no texts to train on")
+    eos = tokenizer.eos_token_id
+    docs = [tokenizer(t)["input_ids"] + [eos] for t in texts]
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=max(steps, 1), pct_start=0.1)
+    model.train()
+    order: list[int] = []
+    losses: list[float] = []
+    for _ in tqdm(range(steps), desc="llm (text pre-training)", disable=not progress):
+        if len(order) < batch_size:
+            order += rng.sample(range(len(docs)), len(docs))
+        batch, order = [docs[i] for i in order[:batch_size]], order[batch_size:]
+        width = max(map(len, batch))
+        ids = torch.tensor([d + [eos] * (width - len(d)) for d in batch])  # (batch, width)
+        labels = torch.tensor([d + [-100] * (width - len(d)) for d in batch])
+        mask = (labels != -100).long()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    tail = losses[-10:]
+    final = sum(tail) / len(tail) if tail else float("nan")
+    logger.info("llm text pre-training: %d steps, final loss %.3f", steps, final)
+    return final
+
+
+__all__ = ["pretrain_text", "world_documents"]
