@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from .pipeline import FAST, DemoSettings, RunReport, run_pipeline
+from .pipeline import FAST, DemoSettings, RunReport, format_loss, run_pipeline
 
 DEFAULT_OUT = Path("playground/demo")
 
@@ -50,7 +50,8 @@ def summary(report: RunReport, chat: tuple[str, str, str] | None) -> str:
         f"model {report.name}: {report.checkpoint}",
         f"  visual tokens per image: {report.image_tokens}; prefill FLOPs (image + 32 text tokens): "
         f"{report.flops / 1e6:.1f} M",
-        f"  train loss: stage 1 {report.train_loss['stage1']}, stage 2 {report.train_loss['stage2']}",
+        f"  train loss: stage 1 {format_loss(report.train_loss['stage1'])}, "
+        f"stage 2 {format_loss(report.train_loss['stage2'])}",
         f"  accuracy: {m['accuracy']:.1f}% of {m['questions']} held-out questions",
         *(f"    {f:10} {m['accuracy_' + f]:5.1f}%  ({m['questions_' + f]} questions)" for f in families),
     ]

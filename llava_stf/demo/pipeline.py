@@ -226,6 +226,10 @@ def evaluate(checkpoint: Path, out: Path, name: str, fresh: bool, s: DemoSetting
     return dict(result.metrics)
 
 
+def format_loss(loss: float | None) -> str:
+    return "n/a" if loss is None else f"{loss:.3f}"
+
+
 def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool = True) -> RunReport:
     """Data, vision tower, LLM, both stages and the evaluation of one model; reuses every valid step."""
     from ..bench.flops import count_flops
@@ -246,10 +250,10 @@ def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool 
     ups = [digest(data / "demo_data.json"), digest(vision / VISION_MARKER), digest(llm / "demo_llm.json")]
     argv1 = stage_argv("pretrain", out / name / "stage1", (vision, llm), data, s, None, progress)
     stage1, rec1, reused1 = train_stage(argv1, ups)
-    say(4, f"{'reused' if reused1 else 'trained'} {stage1} (loss {rec1['train_loss']})")
+    say(4, f"{'reused' if reused1 else 'trained'} {stage1} (loss {format_loss(rec1['train_loss'])})")
     argv2 = stage_argv("finetune", out / name / "stage2", (vision, llm), data, s, stage1, progress)
     stage2, rec2, reused2 = train_stage(argv2, [*ups, digest(stage1 / "demo_stage.json")])
-    say(5, f"{'reused' if reused2 else 'trained'} {stage2} (loss {rec2['train_loss']})")
+    say(5, f"{'reused' if reused2 else 'trained'} {stage2} (loss {format_loss(rec2['train_loss'])})")
     metrics = evaluate(stage2, out, name, fresh=not reused2, s=s, progress=progress)
     say(6, f"accuracy {metrics['accuracy']:.1f}% on {metrics['questions']} questions")
     config = LlavaStfConfig.from_pretrained(stage2)
