@@ -81,6 +81,7 @@ def plot(path: Path, groups: list[dict[str, Any]]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = ["all", *FAMILIES]
     fig, axes = plt.subplots(2, len(names), figsize=(3 * len(names), 6), squeeze=False)
@@ -95,6 +96,9 @@ def plot(path: Path, groups: list[dict[str, Any]]) -> None:
                 x = g[xkey] * scale * (1 + 0.03 * (i - len(groups) / 2))  # small jitter: several share a count
                 ax.errorbar([x], [mean], yerr=[std], fmt="o", capsize=3, label=g["projector"], color=f"C{i}")
             ax.set_xscale("log")
+            ticks = sorted({round(g[xkey] * scale, 1) for g in groups})
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the measured values are labelled
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks], rotation=45, fontsize=7)
             ax.set_xlabel(xlabel)
             ax.set_title(title)
             ax.set_ylim(-5, 105)
