@@ -26,6 +26,7 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..data.images import to_rgb
 from ..generation import GenerationSettings, Generator, Request
 from .answers import KEY, PartWriter, answered, merge, parts_dir, read_jsonl
 
@@ -110,10 +111,11 @@ class ShardReport:
 
 
 def open_image(ref: Path | InlineImage) -> Image.Image:
-    """Decode an image fully (so a corrupt file fails here) and convert it to RGB."""
+    """Decode an image fully (so a corrupt file fails here) and convert it to RGB exactly as training does."""
     source = ref if isinstance(ref, Path) else io.BytesIO(base64.b64decode(ref.data))
     with Image.open(source) as image:
-        return image.convert("RGB")
+        image.load()
+        return to_rgb(image)[0]
 
 
 def missing_images(samples: Iterable[Sample]) -> list[Path]:

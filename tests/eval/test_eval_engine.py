@@ -195,3 +195,17 @@ def test_sample_keys_tell_repeated_ids_apart() -> None:
         run_shard(
             [Sample("k", 1, "q", "q"), Sample("k", 2, "q", "q")], Path("x"), None, model_id="m", settings=SETTINGS
         )
+
+
+def test_eval_images_are_converted_like_training_images(tmp_path):
+    """A transparent RGBA pixel is composited on the training background, not dropped to black by a bare convert."""
+    from PIL import Image
+
+    from llava_stf.data.images import BACKGROUND, load_image
+    from llava_stf.eval.engine import open_image
+
+    path = tmp_path / "rgba.png"
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(path)
+    evaluated = open_image(path)
+    trained, _ = load_image(path)
+    assert evaluated.mode == "RGB" and evaluated.getpixel((0, 0)) == trained.getpixel((0, 0)) == BACKGROUND
