@@ -10,6 +10,8 @@ Written files (the same formats as the real data, so every real code path is exe
 - ``instruct.json``: stage-2 multi-turn instruction data (plus a few text-only samples)
 - ``eval/questions.jsonl``: held-out questions in LLaVA's eval format (``question_id``, ``image``, ``text``,
   ``category`` = question family) and ``eval/answers.jsonl`` (``question_id``, ``answer``, ``family``)
+- ``eval/questions_blank.jsonl`` and ``eval/answers_blank.jsonl``: the control split (``write_blank_split``), the
+  same questions about one blank canvas ``images/blank.png``: what a model scores there comes from the question alone
 - ``scenes.jsonl``: the scene description of every image, from which every answer can be derived
 """
 
@@ -40,6 +42,7 @@ NUMBER_WORDS = ["zero", "one", "two", "three", "four"]
 FAMILIES = ("color", "shape", "position", "count", "text", "existence")
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 BACKGROUND = (235, 235, 235)
+BLANK_SPLIT = "questions_blank"  # question-file stem of the blank-image control (``write_blank_split``)
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,23 @@ def generate(out: Path, num_train: int = 1000, num_eval: int = 200, image_size: 
     (out / "instruct.json").write_text(json.dumps(instruct, indent=1))
     for name, rows in (("eval/questions.jsonl", eval_q), ("eval/answers.jsonl", eval_a), ("scenes.jsonl", scenes)):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_blank_split(out, image_size)
     return {"pretrain": len(pretrain), "instruct": len(instruct), "eval_questions": len(eval_q), "images": len(scenes)}
+
+
+def write_blank_split(out: Path, image_size: int) -> Path:
+    """Write the blank-image control of ``out/eval/questions.jsonl``: every question with its image replaced by one
+    background-only canvas (``images/blank.png``), into ``eval/questions_blank.jsonl`` + ``eval/answers_blank.jsonl``
+    (same ids and answers). Accuracy there is what a model gets without looking, so accuracy on the real split minus
+    this is what it reads from the image. Rewrites the files from the current eval split; returns the question file.
+    """
+    questions = [json.loads(line) for line in (out / "eval" / "questions.jsonl").read_text().splitlines()]
+    Image.new("RGB", (image_size, image_size), BACKGROUND).save(out / "images" / "blank.png")
+    rows = "".join(json.dumps({**q, "image": "images/blank.png"}) + "\n" for q in questions)
+    (out / "eval" / f"{BLANK_SPLIT}.jsonl").write_text(rows)
+    answers = (out / "eval" / "answers.jsonl").read_text()
+    (out / "eval" / f"{BLANK_SPLIT.replace('questions', 'answers')}.jsonl").write_text(answers)
+    return out / "eval" / f"{BLANK_SPLIT}.jsonl"
 
 
 def main(argv: list[str] | None = None) -> None:

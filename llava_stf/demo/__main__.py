@@ -44,7 +44,7 @@ def chat_once(report: RunReport, data: Path) -> tuple[str, str, str]:
 
 
 def summary(report: RunReport, chat: tuple[str, str, str] | None) -> str:
-    m = report.metrics
+    m, b = report.metrics, report.blank_metrics
     families = sorted(k.removeprefix("accuracy_") for k in m if k.startswith("accuracy_"))
     lines = [
         f"model {report.name}: {report.checkpoint}",
@@ -52,8 +52,13 @@ def summary(report: RunReport, chat: tuple[str, str, str] | None) -> str:
         f"{report.flops / 1e6:.1f} M",
         f"  train loss: stage 1 {format_loss(report.train_loss['stage1'])}, "
         f"stage 2 {format_loss(report.train_loss['stage2'])}",
-        f"  accuracy: {m['accuracy']:.1f}% of {m['questions']} held-out questions",
-        *(f"    {f:10} {m['accuracy_' + f]:5.1f}%  ({m['questions_' + f]} questions)" for f in families),
+        f"  accuracy: {m['accuracy']:.1f}% of {m['questions']} held-out questions "
+        f"(blank-image control: {b['accuracy']:.1f}%, what the model answers without looking)",
+        *(
+            f"    {f:10} {m['accuracy_' + f]:5.1f}%  (blank image {b['accuracy_' + f]:5.1f}%; {m['questions_' + f]} "
+            "questions)"
+            for f in families
+        ),
     ]
     if chat is not None:
         lines += [f"  chat: USER {chat[0]!r}", f"        ASSISTANT {chat[1]!r}  (expected {chat[2]!r})"]

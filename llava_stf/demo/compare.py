@@ -26,13 +26,15 @@ from .pipeline import FAST, DemoSettings, RunReport, run_pipeline
 
 PROJECTORS = ("mlp2x_gelu", "avgpool", "token_concat", "stf", "mbtf", "mbtf_stf")
 METRICS = ("accuracy", *(f"accuracy_{f}" for f in FAMILIES))
+BLANK = tuple(f"blank_{k}" for k in METRICS)  # the same checkpoints on the blank-image control
 
 
 def row(report: RunReport, projector: str, seed: int) -> dict[str, Any]:
-    m = report.metrics
+    m, b = report.metrics, report.blank_metrics
     return {"projector": projector, "seed": seed, "visual_tokens": report.image_tokens, "prefill_flops": report.flops,
             "llm_visual_flops": report.llm_visual_flops,
-            **{k: round(m[k], 2) if k in m else "" for k in METRICS}, "questions": m["questions"]}  # fmt: skip
+            **{k: round(m[k], 2) if k in m else "" for k in METRICS}, "questions": m["questions"],
+            **{f"blank_{k}": round(b[k], 2) if k in b else "" for k in METRICS}}  # fmt: skip
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -41,7 +43,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for projector in dict.fromkeys(r["projector"] for r in rows):
         mine = [r for r in rows if r["projector"] == projector]
         stats = {}
-        for k in METRICS:
+        for k in (*METRICS, *BLANK):
             values = [float(r[k]) for r in mine if r[k] != ""]
             if values:
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -59,24 +61,32 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def write_markdown(path: Path, groups: list[dict[str, Any]], note: str) -> None:
+def _table(groups: list[dict[str, Any]], keys: tuple[str, ...]) -> list[str]:
     names = ["all", *FAMILIES]
     lines = ["| projector | visual tokens | prefill MFLOPs | LLM MFLOPs on visual tokens | " + " | ".join(names) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(names)]  # fmt: skip
     for g in groups:
-        cells = [f"{g['stats'][k][0]:.1f} ± {g['stats'][k][1]:.1f}" if k in g["stats"] else "—" for k in METRICS]
+        cells = [f"{g['stats'][k][0]:.1f} ± {g['stats'][k][1]:.1f}" if k in g["stats"] else "—" for k in keys]
         lines.append(f"| {g['projector']} | {g['visual_tokens']} | {g['prefill_flops'] / 1e6:.1f} | "
-                     f"{g['llm_visual_flops'] / 1e6:.2f} | "
-                     + " | ".join(cells) + " |")  # fmt: skip
+                     f"{g['llm_visual_flops'] / 1e6:.2f} | " + " | ".join(cells) + " |")  # fmt: skip
+    return lines
+
+
+def write_markdown(path: Path, groups: list[dict[str, Any]], note: str) -> None:
+    """The accuracy table, the blank-image control table of the same checkpoints, and how to read them."""
     spread = max((g["stats"]["accuracy"][3] - g["stats"]["accuracy"][2] for g in groups), default=0.0)
-    lines += ["", f"Exact-match accuracy (%) on the held-out questions, mean ± sample std over {groups[0]['seeds']} "
-              f"seed(s) per projector; the largest min-max spread of overall accuracy across seeds is {spread:.1f} "
-              "points.", "", note]  # fmt: skip
+    lines = [*_table(groups, METRICS), "",
+             f"Exact-match accuracy (%) on the held-out questions, mean ± sample std over {groups[0]['seeds']} "
+             f"seed(s) per projector; the largest min-max spread of overall accuracy across seeds is {spread:.1f} "
+             "points.", "", "Blank-image control: the same checkpoints, every question asked about a blank canvas "
+             "(what each model answers from the question alone; the gap to the table above is what it reads from "
+             "the image):", "", *_table(groups, BLANK), "", note]  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
 
 
 def plot(path: Path, groups: list[dict[str, Any]]) -> None:
-    """Accuracy vs visual tokens (top row) and vs prefill FLOPs (bottom row), one column per family."""
+    """Accuracy vs visual tokens (top row) and vs prefill FLOPs (bottom row), one column per family; filled markers
+    with error bars are the runs, hollow markers their blank-image control."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,6 +105,8 @@ def plot(path: Path, groups: list[dict[str, Any]]) -> None:
                 mean, std = g["stats"][key][:2]
                 x = g[xkey] * scale * (1 + 0.03 * (i - len(groups) / 2))  # small jitter: several share a count
                 ax.errorbar([x], [mean], yerr=[std], fmt="o", capsize=3, label=g["projector"], color=f"C{i}")
+                if f"blank_{key}" in g["stats"]:  # hollow marker: the blank-image control of the same runs
+                    ax.plot([x], [g["stats"][f"blank_{key}"][0]], marker="o", mfc="none", ls="none", color=f"C{i}")
             ax.set_xscale("log")
             ticks = sorted({round(g[xkey] * scale, 1) for g in groups})
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the measured values are labelled
@@ -105,6 +117,7 @@ def plot(path: Path, groups: list[dict[str, Any]]) -> None:
             if col == 0:
                 ax.set_ylabel("accuracy (%)")
     axes[0][0].legend(fontsize=7)
+    fig.suptitle("accuracy (%), mean ± std over seeds; hollow markers: the same models with a blank image", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

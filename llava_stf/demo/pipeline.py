@@ -10,6 +10,8 @@ folder (default ``playground/demo``)::
     <run>/stage1/      projector checkpoint of stage 1 (+ demo_stage.json)
     <run>/stage2/      full checkpoint of stage 2 (+ demo_stage.json)
     results/<run>/     results.json of the evaluation; answers in synthetic/eval/model_answers/<run>.jsonl
+    results/<run>-blank/   the same checkpoint on the blank-image control (every question asked about a blank
+                       canvas: what the model answers without looking); answers in model_answers/questions_blank/
 
 Reuse: each step writes a marker file after it succeeds, holding its settings and the digest of the markers it
 depends on. A later run reuses a step when its marker equals what it would write now (for a training stage: the
@@ -30,7 +32,7 @@ from typing import Any
 
 from transformers import LlamaForCausalLM
 
-from ..data.synthetic import generate
+from ..data.synthetic import BLANK_SPLIT, generate, write_blank_split
 from ..testing import _CORPUS, tiny_text_config, tiny_tokenizer
 from .llm import pretrain_text, world_documents
 from .vision import MARKER as VISION_MARKER
@@ -206,22 +208,26 @@ class RunReport:
     llm_visual_flops: int  # the paper's convention: LLM FLOPs over the visual tokens only
     train_loss: dict[str, float | None]
     reused: dict[str, bool]
+    blank_metrics: dict[str, Any]  # the same checkpoint on the blank-image control (``write_blank_split``)
 
 
-def evaluate(checkpoint: Path, out: Path, name: str, fresh: bool, s: DemoSettings, progress: bool) -> dict[str, Any]:
-    """The ``synthetic`` benchmark through the evaluation engine (``fresh``: drop earlier answers of ``name``)."""
+def evaluate(checkpoint: Path, out: Path, name: str, fresh: bool, s: DemoSettings, progress: bool,
+             split: str = "questions") -> dict[str, Any]:  # fmt: skip
+    """The ``synthetic`` benchmark's ``split`` through the evaluation engine (``fresh``: drop earlier answers of
+    ``name``)."""
     from ..eval.__main__ import LazyGenerator, parse_args, run_benchmark
-    from ..eval.benchmarks import get_benchmark
+    from ..eval.benchmarks import Options, get_benchmark
     from ..eval.engine import Shard, remove_answers
     from ..generation import default_device
 
     argv = ["--benchmark", "synthetic", "--model-path", str(checkpoint), "--model-id", name, "--data-root", str(out),
-            "--results-dir", str(out / "results"), "--batch-size", str(s.eval_batch_size)]  # fmt: skip
+            "--results-dir", str(out / "results"), "--batch-size", str(s.eval_batch_size),
+            "--split", split]  # fmt: skip
     args = parse_args(argv + ["--no-progress"] * (not progress))
-    bench = get_benchmark("synthetic")
+    bench, options = get_benchmark("synthetic"), Options(split=split)
     if fresh:  # answers of an earlier model under this name must not be resumed
-        remove_answers(bench.answers_file(args.data_root, name))
-    samples = bench.samples(args.data_root)
+        remove_answers(bench.answers_file(args.data_root, name, options))
+    samples = bench.samples(args.data_root, options)
     result = run_benchmark(bench, samples, LazyGenerator(checkpoint, default_device(), None), args, name, Shard())
     return dict(result.metrics)
 
@@ -255,7 +261,11 @@ def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool 
     stage2, rec2, reused2 = train_stage(argv2, [*ups, digest(stage1 / "demo_stage.json")])
     say(5, f"{'reused' if reused2 else 'trained'} {stage2} (loss {format_loss(rec2['train_loss'])})")
     metrics = evaluate(stage2, out, name, fresh=not reused2, s=s, progress=progress)
-    say(6, f"accuracy {metrics['accuracy']:.1f}% on {metrics['questions']} questions")
+    if not (data / "eval" / f"{BLANK_SPLIT}.jsonl").is_file():  # a world generated before the control existed
+        write_blank_split(data, s.image_size)
+    blank = evaluate(stage2, out, f"{name}-blank", fresh=not reused2, s=s, progress=progress, split=BLANK_SPLIT)
+    say(6, f"accuracy {metrics['accuracy']:.1f}% on {metrics['questions']} questions "
+           f"({blank['accuracy']:.1f}% with a blank image)")  # fmt: skip
     config = LlavaStfConfig.from_pretrained(stage2)
     report = count_flops(config, text_tokens=32)
     return RunReport(
@@ -267,6 +277,7 @@ def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool 
         llm_visual_flops=report.paper,
         train_loss={"stage1": rec1["train_loss"], "stage2": rec2["train_loss"]},
         reused={"stage1": reused1, "stage2": reused2},
+        blank_metrics=blank,
     )
 
 

@@ -9,7 +9,16 @@ import pytest
 from PIL import Image
 
 from llava_stf.data.conversation import normalize_record
-from llava_stf.data.synthetic import FAMILIES, Scene, answer_from_scene, generate, render
+from llava_stf.data.synthetic import (
+    BACKGROUND,
+    BLANK_SPLIT,
+    FAMILIES,
+    Scene,
+    answer_from_scene,
+    generate,
+    render,
+    write_blank_split,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +88,17 @@ def test_render_draws_what_the_scene_says():
     image = render(scene, 60)
     assert image.getpixel((10, 10)) == (220, 40, 40)  # inside the top-left square
     assert image.getpixel((50, 50)) == (235, 235, 235)  # empty bottom-right cell
+
+
+def test_blank_control_asks_the_same_questions_about_an_empty_canvas(world):
+    out, _ = world
+    real = [json.loads(line) for line in (out / "eval/questions.jsonl").read_text().splitlines()]
+    blank = [json.loads(line) for line in (out / f"eval/{BLANK_SPLIT}.jsonl").read_text().splitlines()]
+    assert [{**q, "image": None} for q in blank] == [{**q, "image": None} for q in real]
+    assert {q["image"] for q in blank} == {"images/blank.png"}
+    assert (out / "eval/answers_blank.jsonl").read_text() == (out / "eval/answers.jsonl").read_text()
+    with Image.open(out / "images/blank.png") as image:
+        assert image.size == (48, 48) and image.getcolors() == [(48 * 48, BACKGROUND)]
+    # Rewritten from the current eval split (a world generated before the control existed gets it later).
+    (out / f"eval/{BLANK_SPLIT}.jsonl").unlink()
+    assert write_blank_split(out, 48).read_text().splitlines() == [json.dumps(q) for q in blank]

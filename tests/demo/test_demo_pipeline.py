@@ -11,10 +11,10 @@ import json
 
 import pytest
 
-from llava_stf.data.synthetic import FAMILIES
+from llava_stf.data.synthetic import BLANK_SPLIT, FAMILIES
 from llava_stf.demo.__main__ import main
 from llava_stf.demo.pipeline import FAST, run_pipeline
-from llava_stf.eval.benchmarks import get_benchmark
+from llava_stf.eval.benchmarks import Options, get_benchmark
 from llava_stf.eval.benchmarks.synthetic import score_synthetic
 from llava_stf.generation import Generator, load_checkpoint
 from llava_stf.serve.chat import ChatSession
@@ -36,6 +36,13 @@ def test_synthetic_benchmark_names_missing_files(tmp_path) -> None:
         get_benchmark("synthetic").samples(tmp_path)
 
 
+def test_synthetic_splits_keep_separate_answer_files(tmp_path) -> None:
+    bench = get_benchmark("synthetic")
+    real, blank = bench.answers_file(tmp_path, "m"), bench.answers_file(tmp_path, "m", Options(split=BLANK_SPLIT))
+    assert real == tmp_path / "synthetic" / "eval" / "model_answers" / "m.jsonl"
+    assert blank != real and blank.parent.name == BLANK_SPLIT
+
+
 @pytest.mark.slow
 def test_demo_pipeline_checkpoint_eval_chat_and_reuse(demo_out, capsys) -> None:
     assert main(["--fast", "--out", str(demo_out), "--no-progress"]) == 0
@@ -52,6 +59,13 @@ def test_demo_pipeline_checkpoint_eval_chat_and_reuse(demo_out, capsys) -> None:
     assert metrics["questions"] == len(questions) == sum(metrics[f"questions_{f}"] for f in FAMILIES)
     answers = (demo_out / "synthetic" / "eval" / "model_answers" / f"{run.name}.jsonl").read_text().splitlines()
     assert len(answers) == len(questions)
+    # The blank-image control of the same checkpoint: same questions, its own answers and results.
+    assert "blank-image control" in printed and "(blank image" in printed
+    blank = json.loads((demo_out / "results" / f"{run.name}-blank" / "results.json").read_text())
+    assert blank["benchmarks"]["synthetic"]["split"] == BLANK_SPLIT
+    assert blank["benchmarks"]["synthetic"]["metrics"]["questions"] == len(questions)
+    blank_answers = demo_out / "synthetic" / "eval" / "model_answers" / BLANK_SPLIT / f"{run.name}-blank.jsonl"
+    assert len(blank_answers.read_text().splitlines()) == len(questions)
 
     # The checkpoint is an ordinary one: the chat helper loads it and answers a text-only question.
     generator = Generator(*load_checkpoint(run / "stage2"))
@@ -61,5 +75,6 @@ def test_demo_pipeline_checkpoint_eval_chat_and_reuse(demo_out, capsys) -> None:
     # A second run reuses everything; a changed stage-2 setting retrains stage 2 only.
     again = run_pipeline(demo_out, FAST, name=run.name, progress=False)
     assert again.reused == {"stage1": True, "stage2": True} and again.metrics == metrics
+    assert again.blank_metrics == blank["benchmarks"]["synthetic"]["metrics"]
     changed = run_pipeline(demo_out, dataclasses.replace(FAST, stage2_lr=5e-4), name=run.name, progress=False)
     assert changed.reused == {"stage1": True, "stage2": False}

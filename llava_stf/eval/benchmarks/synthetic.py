@@ -3,10 +3,11 @@
 Layout under the data root (what ``python -m llava_stf.data.synthetic --out <root>/synthetic`` writes): questions
 ``synthetic/eval/questions.jsonl`` (``category`` = question family), images ``synthetic/images/`` (the question's
 ``image`` is relative to ``synthetic/``), ground truth ``synthetic/eval/answers.jsonl``, model answers
-``synthetic/eval/model_answers/<ckpt>.jsonl``. A prediction is right when it equals the answer after the EvalAI
-normalisation LLaVA uses for VQA (lower case, punctuation, number words as digits, no articles); the headline is the
-mean over all questions, and every family gets its own accuracy. Answers are one or two words, so generation stops
-after 16 tokens.
+``synthetic/eval/model_answers/<ckpt>.jsonl`` (another split, e.g. the blank-image control ``questions_blank``:
+``model_answers/<split>/<ckpt>.jsonl``, so the two never resume each other's answers). A prediction is right when it
+equals the answer after the EvalAI normalisation LLaVA uses for VQA (lower case, punctuation, number words as
+digits, no articles); the headline is the mean over all questions, and every family gets its own accuracy. Answers
+are one or two words, so generation stops after 16 tokens.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def _load(folder: Path, split: str, options: Options) -> list[Sample]:
 
 
 def _answers(folder: Path, split: str, model_id: str) -> Path:
-    return folder / "eval" / "model_answers" / f"{model_id}.jsonl"
+    answers = folder / "eval" / "model_answers"
+    return answers / f"{model_id}.jsonl" if split == "questions" else answers / split / f"{model_id}.jsonl"
 
 
 def _evaluate(
