@@ -22,8 +22,8 @@ import torch
 from transformers import TrainerCallback
 
 from llava_stf.train.arguments import parse_config
+from llava_stf.train.fixtures import save_tiny_towers, tiny_run_args, write_color_dataset
 from llava_stf.train.run import run
-from llava_stf.train.synthetic import save_tiny_towers, tiny_run_args, write_color_dataset
 
 
 class Timer(TrainerCallback):

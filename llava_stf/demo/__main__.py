@@ -1,10 +1,11 @@
 """``python -m llava_stf.demo``: the main job on the embedded default, offline on a CPU in a few minutes.
 
 ``python -m llava_stf.demo [--out playground/demo] [--seed 0] [--fast]`` generates the visual-QA world, pre-trains
-the tiny vision tower, trains a tiny ``mbtf_stf`` LLaVA in two stages with ``llava_stf.train.run``, evaluates it with
-the ``synthetic`` benchmark, asks it one question about a generated image through ``ChatSession``, and prints a short
-summary (accuracy per question family, visual tokens, FLOPs). A second run reuses every valid step (see
-``pipeline``). ``--fast`` is a seconds-scale configuration for tests (its numbers mean nothing).
+the tiny vision tower, trains a tiny ``mbtf_stf`` LLaVA in two stages with ``llava_stf.train.run``, evaluates it
+with the ``synthetic`` benchmark, asks it one question about a generated image through ``ChatSession``, and prints a
+short summary (accuracy per question family next to the same model's accuracy with a blank image, visual tokens,
+FLOPs). A second run reuses every valid step (see ``pipeline``). ``--fast`` is a seconds-scale configuration for
+tests (its numbers mean nothing).
 
 ``python -m llava_stf.demo compare [--seeds 0 1] [--projectors ...]`` trains the six projectors under the same
 budget and seeds and writes ``results.md``, ``results.csv`` and ``results.png`` (see ``compare``).

@@ -3,10 +3,11 @@
 Each (projector, seed) runs the demo pipeline (``pipeline.run_pipeline``) with identical settings except
 ``projector_type`` and ``seed``: the same generated world (data seed 0), the same pre-trained vision tower, a tiny
 LLM initialised from the seed and pre-trained on the world's text, the same epochs / batch / learning rates for both
-stages. Runs are cached like the demo's (the demo's own ``mbtf_stf-seed0`` run is reused). Writes into
-``--results`` (default ``<out>/compare``): ``results.csv`` (one row per run), ``results.md`` (mean and spread over
-seeds per projector and question family) and ``results.png`` (accuracy against visual tokens and against prefill
-FLOPs, one panel per family; matplotlib, Agg backend). The world is not tuned for any projector.
+stages. Runs are cached like the demo's (the demo's own ``mbtf_stf-seed0`` run is reused). Writes into ``--results``
+(default ``<out>/compare``): ``results.csv`` (one row per run), ``results.md`` (mean and spread over seeds per
+projector and question family, and the same for each run's blank-image control) and ``results.png`` (accuracy
+against visual tokens and against prefill FLOPs, one panel per family; matplotlib, Agg backend). The world is not
+tuned for any projector.
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ def plot(path: Path, groups: list[dict[str, Any]]) -> None:
                 if f"blank_{key}" in g["stats"]:  # hollow marker: the blank-image control of the same runs
                     ax.plot([x], [g["stats"][f"blank_{key}"][0]], marker="o", mfc="none", ls="none", color=f"C{i}")
             ax.set_xscale("log")
-            ticks = sorted({round(g[xkey] * scale, 1) for g in groups})
+            ticks: list[float] = []
+            for t in sorted({round(g[xkey] * scale, 1) for g in groups}):  # drop labels that would overlap
+                ticks += [t] if not ticks or t > 1.05 * ticks[-1] else []
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the measured values are labelled
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks], rotation=45, fontsize=7)
             ax.set_xlabel(xlabel)
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("playground/demo"), help="artifact folder (shared with demo)")
     parser.add_argument("--results", type=Path, help="where results.* go (default: <out>/compare)")
     parser.add_argument("--projectors", nargs="+", default=list(PROJECTORS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     parser.add_argument("--fast", action="store_true", help="seconds-scale settings for tests (numbers are noise)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from llava_stf.train.synthetic import save_tiny_towers, write_color_dataset
+from llava_stf.train.fixtures import save_tiny_towers, write_color_dataset
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ from transformers import TrainingArguments
 from llava_stf.data.dataset import BadSampleError
 from llava_stf.testing import tiny_config, tiny_model
 from llava_stf.train.arguments import parse_config
+from llava_stf.train.fixtures import tiny_run_args
 from llava_stf.train.run import run
-from llava_stf.train.synthetic import tiny_run_args
 from llava_stf.train.trainer import LlavaStfTrainer
 
 

@@ -9,8 +9,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from llava_stf.testing import make_image
 from llava_stf.train.arguments import parse_config
+from llava_stf.train.fixtures import tiny_run_args
 from llava_stf.train.run import run
-from llava_stf.train.synthetic import tiny_run_args
 
 
 def test_lora_stage_saves_an_adapter_and_a_merged_model_that_generates(world, tmp_path):

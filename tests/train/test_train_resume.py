@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from llava_stf.train.arguments import parse_config
+from llava_stf.train.fixtures import tiny_run_args
 from llava_stf.train.run import run
-from llava_stf.train.synthetic import tiny_run_args
 
 
 class Killed(Exception):

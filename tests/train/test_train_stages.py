@@ -11,9 +11,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
 from llava_stf.testing import make_image
 from llava_stf.train.arguments import parse_config
 from llava_stf.train.checkpoint import PROJECTOR_FILE
+from llava_stf.train.fixtures import tiny_run_args
 from llava_stf.train.run import build, run
 from llava_stf.train.stages import get_stage, part_of
-from llava_stf.train.synthetic import tiny_run_args
 
 
 def losses(trainer) -> list[float]:
