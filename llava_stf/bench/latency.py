@@ -4,7 +4,7 @@ Every variant (``projector[+reducer]``) shares one randomly initialised vision t
 projector differs) and gets the same input: one image and ``--text-tokens`` text tokens, batch 1. Prefills run
 round-robin over the variants (so load changes hit all alike); forward hooks split the time to first token into
 tower, reducer, projector and LLM. Reported next to the measured LLM prefill speed-up over the first variant: its
-analytic FLOPs ratio (``bench.flops``, with PruMerge's measured token count). CUDA peak memory is measured above the
+analytic FLOPs ratio (``llava_stf.flops``, with PruMerge's measured token count). CUDA peak memory is measured above the
 resident weights; on CPU it is not measured.
 
     python -m llava_stf.bench.latency --threads 1                                  # CPU (7B / 4 widths), minutes
@@ -15,63 +15,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
-from ..model import LlavaStfConfig, LlavaStfForConditionalGeneration, build_projector
-from ..model.presets import load_preset
-from .flops import count_flops
+from ..flops import count_flops
+from ..model import LlavaStfConfig
+from .timing import Clock, prefill
+from .variants import SIZES, base_config, build
 
 VARIANTS = ["mlp2x_gelu", "mbtf_stf", "mlp2x_gelu+prumerge", "mlp2x_gelu+prumerge_plus", "mlp2x_gelu+fastv"]
-SIZES = {  # image, patch, vision hidden / layers, LLM hidden / FFN / layers / heads
-    "cpu": (336, 14, 256, 24, 1024, 2752, 32, 16),  # LLaVA-1.5-7B with every width / 4 (same depths and grid)
-    "tiny": (32, 4, 32, 9, 64, 128, 4, 4),
-}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def base_config(preset: str | None, size: str) -> LlavaStfConfig:
-    if preset:
-        return load_preset(preset)
-    image, patch, vh, vl, th, tf, tl, heads = SIZES[size]
-    vision = CLIPVisionConfig(hidden_size=vh, intermediate_size=4 * vh, num_hidden_layers=vl, num_attention_heads=4,
-                              image_size=image, patch_size=patch)  # fmt: skip
-    text = LlamaConfig(vocab_size=32064, hidden_size=th, intermediate_size=tf, num_hidden_layers=tl,
-                       num_attention_heads=heads, num_key_value_heads=heads)  # fmt: skip
-    return LlavaStfConfig(vision_config=vision, text_config=text, image_token_index=32000)
-
-
-def variant_config(base: LlavaStfConfig, spec: str) -> LlavaStfConfig:
-    projector, _, reducer = spec.partition("+")
-    fields = base.to_dict()
-    fields.update(projector_type=projector, projector_kwargs=None, vision_feature_layer=None)
-    fields.update(reducer_type=reducer or None, reducer_kwargs=None)
-    return LlavaStfConfig(**fields)
-
-
-class Clock(LogitsProcessor):
-    """Wall time (CUDA synchronised) at named forward-hook points, and at every generation step (``steps``)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.marks, self.steps = device, {}, []
-
-    def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def hook(self, name: str):
-        def record(*_) -> None:  # returns None: a pre-hook must not replace the module's input
-            self.marks.setdefault(name, self.now())
-
-        return record
-
-    def __call__(self, input_ids, scores):
-        self.steps.append(self.now())
-        return scores
 
 
 @dataclass
@@ -84,48 +39,6 @@ class Row:
     kv_bytes: int
     peak_bytes: int | None  # CUDA: peak memory above the resident weights during one prefill
     llm_flops: int
-
-
-def build(base: LlavaStfConfig, specs: list[str], device: torch.device, dtype: torch.dtype) -> list:
-    """``(spec, config, model)`` per variant; all share one vision tower, LLM and LM head."""
-    torch.manual_seed(0)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialise in the target dtype (no fp32 copy of a 7B model)
-    try:
-        with torch.device(device):
-            shared = LlavaStfForConditionalGeneration(variant_config(base, specs[0])).eval()
-    finally:
-        torch.set_default_dtype(default_dtype)
-    models = []
-    for spec in specs:
-        config = variant_config(base, spec)
-        with torch.device("meta"):
-            model = LlavaStfForConditionalGeneration(config)
-        model.model.vision_tower, model.model.language_model = shared.model.vision_tower, shared.model.language_model
-        model.lm_head, model.model.multi_modal_projector = shared.lm_head, build_projector(config).to(device, dtype)
-        model.model.multi_modal_projector.reset_parameters()
-        models.append((spec, config, model.eval()))
-    return models
-
-
-def prefill(model, ids, pixels, clock: Clock) -> tuple[dict[str, float], object, int]:
-    """One timed prefill: ``(times, outputs, tokens through the last LLM layer)``."""
-    inner, lm, lengths = model.model, model.model.language_model, []
-    parts = {"vision": inner.vision_tower, "proj": inner.multi_modal_projector}
-    hooks = [m.register_forward_pre_hook(clock.hook(f"{n}0")) for n, m in parts.items()]
-    hooks += [m.register_forward_hook(clock.hook(f"{n}1")) for n, m in parts.items()]
-    hooks += [
-        lm.layers[0].register_forward_pre_hook(clock.hook("llm0")),
-        lm.norm.register_forward_hook(clock.hook("llm1")),
-    ]
-    hooks += [lm.layers[-1].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))]
-    clock.marks, start = {}, clock.now()
-    out = model(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1)
-    m, end = clock.marks, clock.now()
-    for hook in hooks:
-        hook.remove()
-    times = dict(prefill=end - start, vision=m["vision1"] - m["vision0"], reducer=m["proj0"] - m["vision1"])
-    return dict(times, projector=m["proj1"] - m["proj0"], llm=m["llm1"] - m["llm0"]), out, lengths[0]
 
 
 @torch.no_grad()

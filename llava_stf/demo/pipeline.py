@@ -238,7 +238,7 @@ def format_loss(loss: float | None) -> str:
 
 def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool = True) -> RunReport:
     """Data, vision tower, LLM, both stages and the evaluation of one model; reuses every valid step."""
-    from ..bench.flops import count_flops
+    from ..flops import count_flops
     from ..model import LlavaStfConfig
 
     steps = ["data", "vision tower", "llm", "stage 1", "stage 2", "evaluation"]

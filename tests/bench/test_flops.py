@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from llava_stf.bench.flops import count_flops, llm_macs, projector_macs
+from llava_stf.flops import count_flops, llm_macs, projector_macs
 from llava_stf.model import LlavaStfConfig
 from llava_stf.model.presets import load_preset
 from llava_stf.testing import make_image, tiny_config, tiny_model, tiny_processor

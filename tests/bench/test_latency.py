@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from llava_stf.bench.flops import count_flops
-from llava_stf.bench.latency import base_config, main, variant_config
+from llava_stf.bench.latency import main
+from llava_stf.bench.variants import base_config, variant_config
+from llava_stf.flops import count_flops
 
 
 def test_side_by_side_run_reports_exact_cache_sizes(capsys):

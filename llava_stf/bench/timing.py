@@ -1,0 +1,50 @@
+"""Timing one prefill by parts: forward hooks on the tower, projector and LLM, CUDA-synchronised wall clock."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import LogitsProcessor
+
+
+class Clock(LogitsProcessor):
+    """Wall time (CUDA synchronised) at named forward-hook points, and at every generation step (``steps``)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.marks, self.steps = device, {}, []
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def hook(self, name: str):
+        def record(*_) -> None:  # returns None: a pre-hook must not replace the module's input
+            self.marks.setdefault(name, self.now())
+
+        return record
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(self.now())
+        return scores
+
+
+def prefill(model, ids, pixels, clock: Clock) -> tuple[dict[str, float], object, int]:
+    """One timed prefill: ``(times, outputs, tokens through the last LLM layer)``."""
+    inner, lm, lengths = model.model, model.model.language_model, []
+    parts = {"vision": inner.vision_tower, "proj": inner.multi_modal_projector}
+    hooks = [m.register_forward_pre_hook(clock.hook(f"{n}0")) for n, m in parts.items()]
+    hooks += [m.register_forward_hook(clock.hook(f"{n}1")) for n, m in parts.items()]
+    hooks += [
+        lm.layers[0].register_forward_pre_hook(clock.hook("llm0")),
+        lm.norm.register_forward_hook(clock.hook("llm1")),
+    ]
+    hooks += [lm.layers[-1].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))]
+    clock.marks, start = {}, clock.now()
+    out = model(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1)
+    m, end = clock.marks, clock.now()
+    for hook in hooks:
+        hook.remove()
+    times = dict(prefill=end - start, vision=m["vision1"] - m["vision0"], reducer=m["proj0"] - m["vision1"])
+    return dict(times, projector=m["proj1"] - m["proj0"], llm=m["llm1"] - m["llm0"]), out, lengths[0]

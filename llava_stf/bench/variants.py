@@ -1,0 +1,59 @@
+"""The latency benchmark's models: configs on real or scaled-down shapes, and variants sharing one set of weights.
+
+``build`` makes one model per ``projector[+reducer]`` spec that shares a single randomly initialised vision tower,
+LLM and LM head, so only the projector (and reducer) differs between the variants being timed.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig
+
+from ..model import LlavaStfConfig, LlavaStfForConditionalGeneration, build_projector
+from ..model.presets import load_preset
+
+SIZES = {  # image, patch, vision hidden / layers, LLM hidden / FFN / layers / heads
+    "cpu": (336, 14, 256, 24, 1024, 2752, 32, 16),  # LLaVA-1.5-7B with every width / 4 (same depths and grid)
+    "tiny": (32, 4, 32, 9, 64, 128, 4, 4),
+}
+
+
+def base_config(preset: str | None, size: str) -> LlavaStfConfig:
+    if preset:
+        return load_preset(preset)
+    image, patch, vh, vl, th, tf, tl, heads = SIZES[size]
+    vision = CLIPVisionConfig(hidden_size=vh, intermediate_size=4 * vh, num_hidden_layers=vl, num_attention_heads=4,
+                              image_size=image, patch_size=patch)  # fmt: skip
+    text = LlamaConfig(vocab_size=32064, hidden_size=th, intermediate_size=tf, num_hidden_layers=tl,
+                       num_attention_heads=heads, num_key_value_heads=heads)  # fmt: skip
+    return LlavaStfConfig(vision_config=vision, text_config=text, image_token_index=32000)
+
+
+def variant_config(base: LlavaStfConfig, spec: str) -> LlavaStfConfig:
+    projector, _, reducer = spec.partition("+")
+    fields = base.to_dict()
+    fields.update(projector_type=projector, projector_kwargs=None, vision_feature_layer=None)
+    fields.update(reducer_type=reducer or None, reducer_kwargs=None)
+    return LlavaStfConfig(**fields)
+
+
+def build(base: LlavaStfConfig, specs: list[str], device: torch.device, dtype: torch.dtype) -> list:
+    """``(spec, config, model)`` per variant; all share one vision tower, LLM and LM head."""
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the target dtype (no fp32 copy of a 7B model)
+    try:
+        with torch.device(device):
+            shared = LlavaStfForConditionalGeneration(variant_config(base, specs[0])).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    models = []
+    for spec in specs:
+        config = variant_config(base, spec)
+        with torch.device("meta"):
+            model = LlavaStfForConditionalGeneration(config)
+        model.model.vision_tower, model.model.language_model = shared.model.vision_tower, shared.model.language_model
+        model.lm_head, model.model.multi_modal_projector = shared.lm_head, build_projector(config).to(device, dtype)
+        model.model.multi_modal_projector.reset_parameters()
+        models.append((spec, config, model.eval()))
+    return models

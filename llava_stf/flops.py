@@ -1,0 +1,149 @@
+"""Analytic prefill FLOPs of a LLaVA-STF model on its real shapes (no weights), in two conventions.
+
+- **paper**: the LLM only, over the visual tokens only, ``2 x sum over layers of 4nd^2 + 2n^2d + 3ndm`` (Q/K/V/O,
+  the two attention products, the SwiGLU FFN). Reproduces the 7.6 / 1.9 TFLOPs of LLaVA-1.5-7B / LLaVA-STF-7B.
+- **full prefill**: visual + text tokens through the LLM, plus the vision encoder, the projector, the token reducer's
+  own work and the LM head on the last position (what ``generate`` computes at prefill), each part shown.
+
+Token reducers (``--reducer``): FastV follows its paper's formula ``K f(n) + (L - K) f(n - dropped)`` and reports the
+layer-averaged "equivalent tokens"; PruMerge's count is adaptive (decided per image at run time), so a count must be
+assumed: by default the published average (32 of 576 tokens, PruMerge+: 144 of 576, plus the extra token), or
+``--reducer-tokens``. FLOPs = 2 x multiply-accumulates throughout; softmax, norms, RoPE and lookups are ignored.
+The report on presets: ``python -m llava_stf.bench.flops``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .model import LlavaStfConfig
+from .model.modeling_llava_stf import build_projector
+from .model.reducers import (
+    FastV,
+    PruMerge,
+    equivalent_tokens,
+    fastv_score_macs,
+    get_reducer_class,
+    kept_image_tokens,
+    prumerge_macs,
+)
+
+
+def decoder_layer_macs(n: int, hidden: int, ffn: int, kv_hidden: int | None = None, ffn_mats: int = 3) -> int:
+    """MACs of one decoder layer at prefill over ``n`` tokens (Q/O at full width, K/V at ``kv_hidden``)."""
+    kv_hidden = hidden if kv_hidden is None else kv_hidden
+    projections = 2 * n * hidden * hidden + 2 * n * hidden * kv_hidden
+    attention = 2 * n * n * hidden
+    return projections + attention + ffn_mats * n * hidden * ffn
+
+
+def kv_width(text_config) -> int:
+    head_dim = text_config.hidden_size // text_config.num_attention_heads
+    return head_dim * (text_config.num_key_value_heads or text_config.num_attention_heads)
+
+
+def llm_macs(n: int, text_config, layers: int | None = None) -> int:
+    """``layers`` (default: all) decoder layers of a Llama-style LLM (SwiGLU, 3 FFN matrices) over ``n`` tokens."""
+    per_layer = decoder_layer_macs(n, text_config.hidden_size, text_config.intermediate_size, kv_width(text_config))
+    return (text_config.num_hidden_layers if layers is None else layers) * per_layer
+
+
+def vision_macs(vision_config) -> int:
+    """CLIP-style ViT over one image: patch embedding plus every block (plain 2-matrix MLP), CLS included."""
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    d = vision_config.hidden_size
+    embed = patches * vision_config.num_channels * vision_config.patch_size**2 * d
+    per_layer = decoder_layer_macs(patches + 1, d, vision_config.intermediate_size, ffn_mats=2)
+    return embed + vision_config.num_hidden_layers * per_layer
+
+
+def module_macs(module: nn.Module, example: torch.Tensor) -> int:
+    """MACs of every Linear / Conv2d that runs when ``module(example)`` is called (shapes only, meta device ok)."""
+    total = 0
+
+    def hook(layer: nn.Module, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(layer, nn.Linear):
+            total += output.numel() * layer.in_features
+        else:  # Conv2d: each output element is a dot product over in_channels/groups * kh * kw inputs
+            kh, kw = layer.kernel_size
+            total += output.numel() * (layer.in_channels // layer.groups) * kh * kw
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def projector_macs(config: LlavaStfConfig, tokens: int | None = None) -> int:
+    """The projector over one image (``tokens`` rows for a per-token projector after PruMerge), on the meta device."""
+    shapes = config.projector_shapes()
+    with torch.device("meta"):
+        projector = build_projector(config)
+        example = torch.empty(1, tokens or shapes.grid_h * shapes.grid_w, shapes.in_channels)
+    return module_macs(projector, example)
+
+
+@dataclass
+class FlopsReport:
+    """FLOPs (2 x MACs) of one image + ``text_tokens`` at prefill."""
+
+    image_tokens: int  # image tokens entering the LLM
+    text_tokens: int
+    equivalent_tokens: float  # image tokens averaged over the LLM layers (differs from image_tokens for FastV)
+    paper: int  # LLM over the visual tokens only
+    vision: int
+    projector: int
+    reducer: int  # the reducer's own work (PruMerge's scoring and merge, FastV's ranking)
+    llm: int  # LLM over visual + text tokens
+    lm_head: int  # last position only
+
+    @property
+    def full(self) -> int:
+        return self.vision + self.projector + self.reducer + self.llm + self.lm_head
+
+
+def assumed_selected(config: LlavaStfConfig) -> int:
+    """PruMerge tokens assumed kept per image (without the extra one): the published average, scaled to the grid."""
+    grid_h, grid_w = config.grid_size
+    return round(get_reducer_class(config.reducer_type).assumed_keep_ratio * grid_h * grid_w)
+
+
+def count_flops(config: LlavaStfConfig, text_tokens: int = 0, reducer_tokens: int | None = None) -> FlopsReport:
+    """Prefill FLOPs; ``reducer_tokens`` is the PruMerge count to assume (``None``: the published average)."""
+    text, n_img = config.text_config, config.num_image_tokens
+    layers, reducer_macs, proj = text.num_hidden_layers, 0, projector_macs(config)
+    reducer = get_reducer_class(config.reducer_type) if config.reducer_type else None
+    paper, llm, eq = llm_macs(n_img, text), llm_macs(n_img + text_tokens, text), float(n_img)
+    if reducer is not None and issubclass(reducer, PruMerge):
+        selected = assumed_selected(config) if reducer_tokens is None else reducer_tokens
+        n_img = eq = selected + 1
+        vision, shapes = config.vision_config, config.projector_shapes()
+        reducer_macs = prumerge_macs(shapes.grid_h * shapes.grid_w, vision.hidden_size, shapes.in_channels, selected)
+        paper, llm, proj = llm_macs(n_img, text), llm_macs(n_img + text_tokens, text), projector_macs(config, n_img)
+    elif reducer is FastV:
+        params = config.reducer_params()
+        k, kept = min(params.k, layers), kept_image_tokens(n_img, params.r)
+        paper = llm_macs(n_img, text, k) + llm_macs(kept, text, layers - k)
+        llm = llm_macs(n_img + text_tokens, text, k) + llm_macs(kept + text_tokens, text, layers - k)
+        eq = equivalent_tokens(n_img, kept, k, layers)
+        if k < layers and kept < n_img:
+            reducer_macs = fastv_score_macs(n_img + text_tokens, text.hidden_size, kv_width(text))
+    return FlopsReport(
+        image_tokens=n_img,
+        text_tokens=text_tokens,
+        equivalent_tokens=eq,
+        paper=2 * paper,
+        vision=2 * vision_macs(config.vision_config),
+        projector=2 * proj,
+        reducer=2 * reducer_macs,
+        llm=2 * llm,
+        lm_head=2 * text.hidden_size * text.vocab_size,
+    )
