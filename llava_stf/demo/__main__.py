@@ -9,6 +9,9 @@ tests (its numbers mean nothing).
 
 ``python -m llava_stf.demo compare [--seeds 0 1] [--projectors ...]`` trains the six projectors under the same
 budget and seeds and writes ``results.md``, ``results.csv`` and ``results.png`` (see ``compare``).
+
+``python -m llava_stf.demo oracle [--out playground/demo] [--seed 0]`` asks the demo's text LLM the held-out questions
+with the true caption instead of the image: what it can do with perfect visual information (see ``oracle``).
 """
 
 from __future__ import annotations
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         from .compare import main as compare_main
 
         return compare_main(argv[1:])
+    if argv[:1] == ["oracle"]:
+        from .oracle import main as oracle_main
+
+        return oracle_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m llava_stf.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="artifact folder (default: playground/demo)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the generated world stays seed 0)")
