@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import LlamaForCausalLM
 
@@ -37,6 +37,9 @@ from ..testing import _CORPUS, tiny_text_config, tiny_tokenizer
 from .llm import pretrain_text, world_documents
 from .vision import MARKER as VISION_MARKER
 from .vision import VisionSettings, pretrain_vision_tower
+
+if TYPE_CHECKING:
+    from ..eval.__main__ import LazyGenerator
 
 logger = logging.getLogger("llava_stf.demo")
 VOLATILE = {"logging_dir", "disable_tqdm", "overwrite_output_dir"}  # run-config keys that do not change the result
@@ -211,24 +214,22 @@ class RunReport:
     blank_metrics: dict[str, Any]  # the same checkpoint on the blank-image control (``write_blank_split``)
 
 
-def evaluate(checkpoint: Path, out: Path, name: str, fresh: bool, s: DemoSettings, progress: bool,
+def evaluate(model: LazyGenerator, out: Path, name: str, fresh: bool, s: DemoSettings, progress: bool,
              split: str = "questions") -> dict[str, Any]:  # fmt: skip
     """The ``synthetic`` benchmark's ``split`` through the evaluation engine (``fresh``: drop earlier answers of
-    ``name``)."""
-    from ..eval.__main__ import LazyGenerator, parse_args, run_benchmark
+    ``name``); ``model`` loads the checkpoint on first use, once for all splits."""
+    from ..eval.__main__ import parse_args, run_benchmark
     from ..eval.benchmarks import Options, get_benchmark
     from ..eval.engine import Shard, remove_answers
-    from ..generation import default_device
 
-    argv = ["--benchmark", "synthetic", "--model-path", str(checkpoint), "--model-id", name, "--data-root", str(out),
-            "--results-dir", str(out / "results"), "--batch-size", str(s.eval_batch_size),
+    argv = ["--benchmark", "synthetic", "--model-path", str(model.model_path), "--model-id", name, "--data-root",
+            str(out), "--results-dir", str(out / "results"), "--batch-size", str(s.eval_batch_size),
             "--split", split]  # fmt: skip
     args = parse_args(argv + ["--no-progress"] * (not progress))
     bench, options = get_benchmark("synthetic"), Options(split=split)
     if fresh:  # answers of an earlier model under this name must not be resumed
         remove_answers(bench.answers_file(args.data_root, name, options))
-    samples = bench.samples(args.data_root, options)
-    result = run_benchmark(bench, samples, LazyGenerator(checkpoint, default_device(), None), args, name, Shard())
+    result = run_benchmark(bench, bench.samples(args.data_root, options), model, args, name, Shard())
     return dict(result.metrics)
 
 
@@ -238,7 +239,9 @@ def format_loss(loss: float | None) -> str:
 
 def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool = True) -> RunReport:
     """Data, vision tower, LLM, both stages and the evaluation of one model; reuses every valid step."""
+    from ..eval.__main__ import LazyGenerator
     from ..flops import count_flops
+    from ..generation import default_device
     from ..model import LlavaStfConfig
 
     steps = ["data", "vision tower", "llm", "stage 1", "stage 2", "evaluation"]
@@ -260,10 +263,11 @@ def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool 
     argv2 = stage_argv("finetune", out / name / "stage2", (vision, llm), data, s, stage1, progress)
     stage2, rec2, reused2 = train_stage(argv2, [*ups, digest(stage1 / "demo_stage.json")])
     say(5, f"{'reused' if reused2 else 'trained'} {stage2} (loss {format_loss(rec2['train_loss'])})")
-    metrics = evaluate(stage2, out, name, fresh=not reused2, s=s, progress=progress)
+    model = LazyGenerator(stage2, default_device(), None)
+    metrics = evaluate(model, out, name, fresh=not reused2, s=s, progress=progress)
     if not (data / "eval" / f"{BLANK_SPLIT}.jsonl").is_file():  # a world generated before the control existed
         write_blank_split(data, s.image_size)
-    blank = evaluate(stage2, out, f"{name}-blank", fresh=not reused2, s=s, progress=progress, split=BLANK_SPLIT)
+    blank = evaluate(model, out, f"{name}-blank", fresh=not reused2, s=s, progress=progress, split=BLANK_SPLIT)
     say(6, f"accuracy {metrics['accuracy']:.1f}% on {metrics['questions']} questions "
            f"({blank['accuracy']:.1f}% with a blank image)")  # fmt: skip
     config = LlavaStfConfig.from_pretrained(stage2)
