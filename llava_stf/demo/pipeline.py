@@ -244,6 +244,7 @@ def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool 
     from ..generation import default_device
     from ..model import LlavaStfConfig
 
+    out = out.resolve()  # the stage markers hold paths: the same folder named two ways must still be reused
     steps = ["data", "vision tower", "llm", "stage 1", "stage 2", "evaluation"]
     clock = time.perf_counter()
 

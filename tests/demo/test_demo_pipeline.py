@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +45,7 @@ def test_synthetic_splits_keep_separate_answer_files(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_pipeline_checkpoint_eval_chat_and_reuse(demo_out, capsys) -> None:
+def test_demo_pipeline_checkpoint_eval_chat_and_reuse(demo_out, capsys, monkeypatch) -> None:
     assert main(["--fast", "--out", str(demo_out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert all(f"[{i}/6]" in printed for i in range(1, 7))  # trained here, or reused from the comparison test
@@ -76,5 +77,8 @@ def test_demo_pipeline_checkpoint_eval_chat_and_reuse(demo_out, capsys) -> None:
     again = run_pipeline(demo_out, FAST, name=run.name, progress=False)
     assert again.reused == {"stage1": True, "stage2": True} and again.metrics == metrics
     assert again.blank_metrics == blank["benchmarks"]["synthetic"]["metrics"]
+    monkeypatch.chdir(demo_out.parent)  # the same folder named by a relative path is still the same run
+    relative = run_pipeline(Path(demo_out.name), FAST, name=run.name, progress=False)
+    assert relative.reused == {"stage1": True, "stage2": True}
     changed = run_pipeline(demo_out, dataclasses.replace(FAST, stage2_lr=5e-4), name=run.name, progress=False)
     assert changed.reused == {"stage1": True, "stage2": False}
