@@ -12,7 +12,6 @@ projector does. Run after ``python -m llava_stf.demo`` (it reuses that folder's 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from ..data.synthetic import Scene, caption
+from ..eval.answers import read_jsonl
 from ..eval.benchmarks.synthetic import score_synthetic
 
 
@@ -34,9 +34,9 @@ def caption_oracle(llm: Path, data: Path, limit: int | None = None, max_new_toke
     returns the ``synthetic`` metrics (accuracy overall and per family, percent)."""
     tokenizer = AutoTokenizer.from_pretrained(llm)
     model = LlamaForCausalLM.from_pretrained(llm).eval()
-    scenes = {s["image"]: Scene.from_json(s) for s in map(json.loads, (data / "scenes.jsonl").open())}
-    questions = [json.loads(line) for line in (data / "eval" / "questions.jsonl").open()][:limit]
-    truth = {a["question_id"]: a for a in map(json.loads, (data / "eval" / "answers.jsonl").open())}
+    scenes = {s["image"]: Scene.from_json(s) for s in read_jsonl(data / "scenes.jsonl")}
+    questions = read_jsonl(data / "eval" / "questions.jsonl")[:limit]
+    truth = {a["question_id"]: a for a in read_jsonl(data / "eval" / "answers.jsonl")}
     predictions = {}
     for q in questions:
         ids = tokenizer(caption_prompt(scenes[q["image"]], q["text"]), return_tensors="pt")["input_ids"]
