@@ -1,14 +1,15 @@
 """Batching dataset items: right padding with an explicit attention mask, images stacked in text order.
 
 Padding uses the tokenizer's pad id in ``input_ids``, ``IGNORE_INDEX`` in ``labels`` and 0 in ``attention_mask``
-(LLaVA derives the mask from ``input_ids != pad_id``, which also hides real ``<unk>`` tokens; reference §9.3).
+(LLaVA's ``DataCollatorForSupervisedDataset`` in ``llava/train/train.py`` derives the mask from
+``input_ids != pad_id``, which also hides real ``<unk>`` tokens).
 Items are already truncated by the dataset (image tokens counted), so nothing is cut here.
 
 ``always_run_vision``: a batch without images still runs the vision tower and projector on one dummy image (zeros
 after normalisation, LLaVA's text-only image), whose placeholders are appended after the shortest row's last token
 with ``attention_mask`` 0 and labels ``IGNORE_INDEX``. They change no loss or gradient value, but every trainable
 parameter stays in every step's graph and every rank runs the same modules in the same order: DDP needs the first,
-ZeRO-3's parameter gathering the second (LLaVA feeds a zero image for the same reason; reference §2).
+ZeRO-3's parameter gathering the second (LLaVA's ``LazySupervisedDataset`` feeds a zero image for the same reason).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ A template turns a conversation (alternating ``human`` / ``gpt`` turns, starting
 consecutive pieces of the rendered string, each marked supervised or not. ``render`` joins them into the training
 string, ``prompt`` appends the open assistant slot for generation, and ``llava_stf.data.tokenization`` tokenizes the
 very same spans. The string a model trains on, the prompt it is evaluated with and its label mask therefore come from
-one description. Strings follow LLaVA-1.5 byte for byte (reference §3). Templates are frozen and looked up by name in
-the read-only ``TEMPLATES``; there is no global or default conversation.
+one description. Strings follow LLaVA-1.5 byte for byte (haotian-liu/LLaVA ``llava/conversation.py``). Templates are
+frozen and looked up by name in the read-only ``TEMPLATES``; there is no global or default conversation.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def place_image_first(text: str) -> str:
 
 
 def normalize_record(record: Mapping[str, Any]) -> tuple[Turn, ...]:
-    """Turns of one LLaVA JSON sample, normalised as upstream's loader does (reference §2).
+    """Turns of one LLaVA JSON sample, normalised as LLaVA's loader does (haotian-liu/LLaVA ``llava/train/train.py``).
 
     Roles must be ``human`` / ``gpt``; a leading non-human turn is dropped; the rest must alternate. Every turn that
     holds ``<image>`` gets it moved to its front (``place_image_first``); other turns are left byte for byte. An image

@@ -1,7 +1,8 @@
 """The LLaVA JSON training set: records checked up front, images and tokens loaded lazily, bad samples counted.
 
 A data file is a JSON list (or JSON lines) of ``{"id", "image" (optional), "conversations": [{"from", "value"}]}``
-(reference §2). Loading happens in two places, and each refuses bad input with a named reason:
+(haotian-liu/LLaVA ``docs/Finetune_Custom_Data.md`` and ``llava/train/train.py``). Loading happens in two places,
+and each refuses bad input with a named reason:
 
 - at construction (cheap, whole file): the record's structure (``malformed_record``), the ``<image>`` tag against
   the ``image`` field (``image_tag_mismatch``: an image without a tag, a tag without an image, a tag outside the
@@ -167,7 +168,8 @@ class LazySupervisedDataset(Dataset):
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self._check_image_folder()
         words = [sum(len(t.text.split()) for t in s.turns) for s in self.samples]
-        # Length proxies of the sampler (reference §2): word counts, negative for text-only samples.
+        # Length proxies of the sampler (``LazySupervisedDataset.modality_lengths`` in haotian-liu/LLaVA
+        # ``llava/train/train.py``): word counts, negative for text-only samples.
         self.modality_lengths = [n if s.image is not None else -n for n, s in zip(words, self.samples)]
         image_tokens = [processor.num_image_tokens if s.image is not None else 0 for s in self.samples]
         self.lengths = [n + extra for n, extra in zip(words, image_tokens)]

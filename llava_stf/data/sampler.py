@@ -1,6 +1,7 @@
 """Training samplers: LLaVA's ``group_by_modality_length`` order and a plain shuffle, both seeded per epoch.
 
-The grouping follows LLaVA-1.5 (reference §7.6) step for step: image and text-only samples are shuffled apart, cut
+The grouping follows LLaVA-1.5 (``get_modality_length_grouped_indices`` in haotian-liu/LLaVA
+``llava/train/llava_trainer.py``) step for step: image and text-only samples are shuffled apart, cut
 into megabatches of ``batch_size * world_size`` (``world_size`` = processes x gradient accumulation, so a megabatch
 is one optimizer step), sorted by length inside a megabatch and split into ``world_size`` chunks of balanced total
 length; the megabatches of both modalities are shuffled together and the two leftovers form one last batch. Every

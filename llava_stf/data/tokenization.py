@@ -1,9 +1,10 @@
-"""The one place that turns a conversation into ``input_ids`` and ``labels`` (LLaVA-1.5 reference §4).
+"""The one place that turns a conversation into ``input_ids`` and ``labels``, with LLaVA-1.5's layout and masking.
 
-Ids are built span by span from ``Template.spans`` and labels alongside them, so the two cannot disagree: a span's
-ids are copied into ``labels`` when it is supervised (assistant answers and their end-of-turn token) and replaced by
-``IGNORE_INDEX`` otherwise (BOS, system, user turns, role prefixes, image positions). Each ``<image>`` becomes
-``num_image_tokens`` copies of the image token id.
+Upstream does this in haotian-liu/LLaVA ``llava/train/train.py`` (``preprocess_v1``, ``preprocess_plain``) and
+``llava/mm_utils.py`` (``tokenizer_image_token``). Ids are built span by span from ``Template.spans`` and labels
+alongside them, so the two cannot disagree: a span's ids are copied into ``labels`` when it is supervised (assistant
+answers and their end-of-turn token) and replaced by ``IGNORE_INDEX`` otherwise (BOS, system, user turns, role
+prefixes, image positions). Each ``<image>`` becomes ``num_image_tokens`` copies of the image token id.
 
 How pieces are tokenized. The target is upstream's id sequence: split the rendered prompt on ``<image>``, tokenize
 every chunk on its own (BOS on the first only) and join the chunks with the image ids (``tokenize_prompt``). A span's
@@ -91,7 +92,7 @@ def leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def tokenize_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase, image: ImageTokenSpec | None = None) -> list[int]:
-    """Upstream's prompt tokenization (§4.1): chunks split on ``<image>``, each tokenized alone, image ids between.
+    """LLaVA's ``tokenizer_image_token``: chunks split on ``<image>``, each tokenized alone, image ids between.
 
     Args:
         prompt: a rendered string (``Template.render`` or ``Template.prompt``).

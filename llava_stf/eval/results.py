@@ -18,7 +18,8 @@ from typing import Any
 
 AVERAGED_COLUMNS = ("GQA", "SQA", "VQA-T", "POPE", "MMB", "MMB-CN", "VQAv2", "VizWiz")
 COLUMNS = (*AVERAGED_COLUMNS, "MME-P")
-# Published 7B numbers (reference llava-stf-official.md §5 and llava-1.5.md §8.7; MME-P of LLaVA-STF from its README).
+# Published 7B numbers: Table 2 of the LLaVA-STF paper (arXiv 2506.07138) for both rows; MME-P from
+# haotian-liu/LLaVA docs/MODEL_ZOO.md (LLaVA-1.5) and the visresearch/LLaVA-STF README (LLaVA-STF).
 PAPER_ROWS: Mapping[str, Mapping[str, float]] = {
     "LLaVA-1.5-7B (paper)": dict(zip(COLUMNS, (62.0, 66.8, 58.2, 85.9, 64.3, 58.3, 78.5, 50.0, 1510.7))),
     "LLaVA-STF-7B (paper)": dict(zip(COLUMNS, (61.9, 70.5, 57.4, 86.0, 66.2, 58.9, 78.1, 51.1, 1482.8))),

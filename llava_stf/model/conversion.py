@@ -1,13 +1,13 @@
 """Checkpoint conversion as data: key-rename tables and weight transforms over state dicts (pure, no file I/O).
 
 Sources: ``llava`` (original LLaVA-1.5 ``LlavaLlamaForCausalLM``), ``llava-stf-official`` (the official LLaVA-STF
-release: same layout plus ``mm_projector_crosslayer``, with ``mm_projector`` redefined as the STF MLP) and
-``llava-hf`` (transformers' ``LlavaForConditionalGeneration``, old and new layouts). Each source is a list of
+release, visresearch/LLaVA-STF: same layout plus ``mm_projector_crosslayer``, with ``mm_projector`` redefined as the STF
+MLP) and ``llava-hf`` (transformers' ``LlavaForConditionalGeneration``, old and new layouts). Each source is a list of
 :class:`Rename` rows (regex on the source key -> our key, optional tensor transform); derived buffers are dropped by
 pattern. Every conversion is checked against the target model's shapes, and unknown keys, missing keys and shape
 mismatches raise one :class:`ConversionError` that lists them all, so nothing is ever left at random init.
-``export_llava_hf`` goes the other way for ``mlp2x_gelu`` models. The config side is ``conversion_config``; file I/O
-and the CLI live in ``llava_stf.convert``.
+``export_llava_hf`` goes the other way for ``mlp2x_gelu`` models. The config side is ``conversion_config``; file I/O and
+the CLI live in ``llava_stf.convert``.
 """
 
 from __future__ import annotations

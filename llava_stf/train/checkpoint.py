@@ -5,7 +5,7 @@ The stage-1 output is ``projector.safetensors`` (keys of ``model.model.multi_mod
 ``load_projector``, which also takes a file made by ``python -m llava_stf.convert --projector-only`` or an original
 LLaVA / LLaVA-STF ``mm_projector.bin`` (converted on the fly). A different projector setting, a missing or extra key
 or a shape mismatch is an error that names them; under ZeRO-3 the parameters are gathered for the load (LLaVA's
-``torch.Size([0])`` failure, reference §9.7).
+``torch.Size([0])`` failure in ``initialize_vision_modules``, haotian-liu/LLaVA#736).
 """
 
 from __future__ import annotations

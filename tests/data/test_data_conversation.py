@@ -1,4 +1,7 @@
-"""Conversation templates (golden strings from the LLaVA-1.5 reference §3) and LLaVA JSON normalisation (§2)."""
+"""Conversation templates and LLaVA JSON normalisation.
+
+Golden strings and rules from haotian-liu/LLaVA ``llava/conversation.py`` and ``llava/train/train.py``.
+"""
 
 from __future__ import annotations
 

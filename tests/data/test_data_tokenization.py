@@ -1,4 +1,7 @@
-"""Tokenization and label masking (reference §4): golden layouts, upstream id parity, truncation, properties.
+"""Tokenization and label masking: golden layouts, upstream id parity, truncation, properties.
+
+Upstream: haotian-liu/LLaVA ``llava/train/train.py`` (``preprocess_v1``, ``preprocess_plain``) and
+``llava/mm_utils.py`` (``tokenizer_image_token``).
 
 Tokenizers: the tiny byte-level BPE of ``llava_stf.testing`` and a SentencePiece BPE trained in memory, loaded as a
 transformers ``LlamaTokenizer`` in three flavours (Metaspace ``first`` = ``legacy=False`` as vicuna-7b-v1.5,
@@ -114,7 +117,7 @@ def supervised_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
 def test_vicuna_layout_matches_the_reference(session_tokenizer):
     tok, img = session_tokenizer, spec(session_tokenizer)
     out = tokenize_conversation(TURNS[:2], get_template("vicuna_v1"), tok, img)
-    # §4.1 for one image turn: [BOS, "A chat ... USER: ", image x N, "\nWhat is shown? ASSISTANT: A cat.", EOS]
+    # upstream layout, one image turn: [BOS, "A chat ... USER: ", image x N, "\nWhat is shown? ASSISTANT: A cat.", EOS]
     head = [tok.bos_token_id] + enc(tok, SYSTEM + " USER: ") + [img.image_token_id] * N_IMG
     tail = enc(tok, "\nWhat is shown? ASSISTANT: A cat.") + [tok.eos_token_id]
     assert out.input_ids == head + tail

@@ -1,4 +1,7 @@
-"""Golden cases for GQA scoring: trailing periods stripped, lower-cased, exact match (reference §8.5, GQA)."""
+"""Golden cases for GQA scoring: trailing periods stripped, lower-cased, exact match.
+
+Rules: haotian-liu/LLaVA ``scripts/convert_gqa_for_eval.py`` and the official GQA ``eval.py`` (accuracy only).
+"""
 
 import pytest
 

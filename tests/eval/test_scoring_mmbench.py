@@ -1,4 +1,4 @@
-"""Golden cases for MMBench letter parsing and local CircularEval (reference §8.5, MMBench)."""
+"""Golden cases for MMBench letter parsing and local CircularEval (CircularEval: MMBench paper, arXiv 2307.06281)."""
 
 import pytest
 

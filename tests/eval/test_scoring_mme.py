@@ -1,4 +1,4 @@
-"""Golden cases for MME parsing, acc / acc+ and the Perception / Cognition totals (reference §8.5, MME)."""
+"""Golden cases for MME parsing, acc / acc+ and the Perception / Cognition totals (MME eval_tool calculation.py)."""
 
 import pytest
 

@@ -1,4 +1,7 @@
-"""Golden cases for POPE yes/no mapping and metrics (reference §8.5, POPE), paired by question id."""
+"""Golden cases for POPE yes/no mapping and metrics, paired by question id.
+
+Rules: haotian-liu/LLaVA ``llava/eval/eval_pope.py`` (which pairs by file position instead).
+"""
 
 import pytest
 

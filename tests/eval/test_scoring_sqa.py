@@ -1,4 +1,4 @@
-"""Golden cases for ScienceQA answer parsing and (IMG-)accuracy (reference §8.5, ScienceQA-IMG)."""
+"""Golden cases for ScienceQA answer parsing and (IMG-)accuracy (haotian-liu/LLaVA llava/eval/eval_science_qa.py)."""
 
 import pytest
 

@@ -1,4 +1,7 @@
-"""Golden cases for the VQAv2, VizWiz and MMBench submission structures (reference §8.5)."""
+"""Golden cases for the VQAv2, VizWiz and MMBench submission structures.
+
+Formats: haotian-liu/LLaVA ``scripts/convert_{vqav2,vizwiz,mmbench}_for_submission.py``.
+"""
 
 import pytest
 

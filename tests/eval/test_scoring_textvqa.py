@@ -1,4 +1,4 @@
-"""Golden cases for TextVQA question recovery and scoring (reference §8.5, TextVQA)."""
+"""Golden cases for TextVQA question recovery and scoring (haotian-liu/LLaVA llava/eval/eval_textvqa.py)."""
 
 import pytest
 

@@ -1,4 +1,7 @@
-"""Golden cases for EvalAI answer normalisation and VQA soft accuracy (reference §8.3, §8.4), worked out by hand."""
+"""Golden cases for EvalAI answer normalisation and VQA soft accuracy, worked out by hand.
+
+Rules: haotian-liu/LLaVA ``llava/eval/m4c_evaluator.py`` (``EvalAIAnswerProcessor``, ``TextVQAAccuracyEvaluator``).
+"""
 
 import pytest
 

@@ -2,7 +2,8 @@
 
 The references below index the row-major ``[B, H*W, C]`` patch tokens directly (``token (r, c) = features[:, r*W + c]``)
 and never call ``pixel_unshuffle`` / ``avg_pool2d`` / ``Conv2d``, so they check the projectors' tensor plumbing rather
-than repeat it. The window layout is the official release's (reference doc section 1.4):
+than repeat it. The window layout is the official release's (an ``unfold`` over each window in
+visresearch/LLaVA-STF ``llava/model/llava_arch.py``):
 ``v[ch*k*k + dy*k + dx] = x[k*I + dy, k*J + dx, ch]``, windows row-major.
 """
 
@@ -117,7 +118,7 @@ def test_window_reference_matches_the_documented_layout():
     assert v[0, 1].tolist() == [2, 3, 12, 13, 102, 103, 112, 113]
     # window t=2 is (I=1, J=0): patch rows 2-3, columns 0-1
     assert v[0, 2].tolist() == [20, 21, 30, 31, 120, 121, 130, 131]
-    # ... which is the pixel_unshuffle order (reference doc 1.4), not the (dy, dx, ch) einops order
+    # ... which is the pixel_unshuffle order (the release's ``unfold``), not the (dy, dx, ch) einops order
     nchw = features.transpose(1, 2).reshape(1, channels, grid, grid)
     unshuffled = F.pixel_unshuffle(nchw, k).flatten(2).transpose(1, 2)
     torch.testing.assert_close(v, unshuffled, rtol=0, atol=0)
@@ -241,7 +242,10 @@ def test_stf_reference_detects_a_wrong_window_layout(tokenizer):
 
 
 def test_stf_default_layer_stack_is_the_official_one(tokenizer):
-    """Conv(C -> 4k^2C, k, stride k), then GELU, Linear(4k^2C -> D), no final activation (reference doc 1.3)."""
+    """Conv(C -> 4k^2C, k, stride k), then GELU, Linear(4k^2C -> D), no final activation.
+
+    As visresearch/LLaVA-STF ``llava/model/multimodal_projector/builder.py`` builds it.
+    """
     config, projector = make_projector(tokenizer, "stf")
     stf = projector.stf
     assert isinstance(stf.fusion, nn.Conv2d)

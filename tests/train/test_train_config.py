@@ -86,7 +86,7 @@ def test_deepspeed_configs():
     ds = {n: json.loads((ROOT / "configs/deepspeed" / f"{n}.json").read_text()) for n in names}
     assert [ds[n]["zero_optimization"]["stage"] for n in ds] == [2, 3, 3]
     for config in ds.values():
-        assert "train_batch_size" not in config  # filled while world_size is still 1 (environment.md §2.3)
+        assert "train_batch_size" not in config  # filled while world_size is still 1 (as in Roblox/FAI-RL#72)
         assert config["gradient_clipping"] == "auto" and config["bf16"]["enabled"] == "auto"
     assert ds["zero3"]["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert ds["zero3_offload"]["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True

@@ -1,9 +1,9 @@
 """The benchmark contract and the helpers the benchmark modules share.
 
-A ``Benchmark`` is a frozen spec: where its questions, images and answers live in LLaVA-1.5's
-``playground/data/eval`` layout (reference ``llava-1.5.md`` §8.5), how many tokens it may generate, and ``evaluate``,
-which reads the ground truth, calls the pure scorers of ``llava_stf.eval.scoring`` and writes the files the official
-tools or servers take. Benchmarks never call the model: ``llava_stf.eval.engine`` does.
+A ``Benchmark`` is a frozen spec: where its questions, images and answers live in LLaVA-1.5's ``playground/data/eval``
+layout (haotian-liu/LLaVA ``docs/Evaluation.md`` and ``scripts/v1_5/eval/*.sh``), how many tokens it may generate, and
+``evaluate``, which reads the ground truth, calls the pure scorers of ``llava_stf.eval.scoring`` and writes the files
+the official tools or servers take. Benchmarks never call the model: ``llava_stf.eval.engine`` does.
 """
 
 from __future__ import annotations

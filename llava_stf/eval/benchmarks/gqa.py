@@ -1,8 +1,9 @@
-"""GQA testdev-balanced (reference §8.5, GQA): exact match after ``rstrip('.').lower()``.
+"""GQA testdev-balanced: exact match after ``rstrip('.').lower()`` (haotian-liu/LLaVA ``scripts/v1_5/eval/gqa.sh``).
 
 Questions ``gqa/llava_gqa_testdev_balanced.jsonl``, images ``gqa/data/images/``, answers
-``gqa/answers/llava_gqa_testdev_balanced/<ckpt>/merge.jsonl``. Writes ``gqa/data/testdev_balanced_predictions.json``
-for the official ``eval.py`` and scores locally when ``gqa/data/testdev_balanced_questions.json`` is there.
+``gqa/answers/llava_gqa_testdev_balanced/<ckpt>/merge.jsonl``. Writes ``gqa/data/testdev_balanced_predictions.json`` (as
+upstream's ``scripts/convert_gqa_for_eval.py``) for the official GQA ``eval.py`` and scores locally when
+``gqa/data/testdev_balanced_questions.json`` is there.
 """
 
 from __future__ import annotations

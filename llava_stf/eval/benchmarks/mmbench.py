@@ -1,11 +1,12 @@
-"""MMBench and MMBench-CN (reference §8.5, MMBench): multiple choice over a TSV with base64 images.
+"""MMBench and MMBench-CN: multiple choice over a TSV with base64 images.
 
 Questions ``mmbench/mmbench_dev_20230712.tsv`` (CN: ``mmbench_cn/mmbench_dev_cn_20231003.tsv``), answers
 ``<folder>/answers/<split>/<ckpt>.jsonl``, upload ``<folder>/answers_upload/<split>/<ckpt>.xlsx`` for the OpenCompass
-server (the TSV without six columns, ``prediction`` inserted at position 6). The prompt is upstream's
-``model_vqa_mmbench``: ``hint\\nquestion\\nA. ...\\nB. ...`` plus the suffix; the recorded prompt has no suffix.
-With ``--all-rounds`` every rotation of the options is asked, so splits with an ``answer`` column (dev) get a local
-CircularEval; otherwise the local number is round-0 accuracy. The paper's MMB columns come from the server.
+server (the TSV without six columns, ``prediction`` inserted at position 6, as upstream's
+``scripts/convert_mmbench_for_submission.py``). The prompt is upstream's ``llava/eval/model_vqa_mmbench.py``:
+``hint\\nquestion\\nA. ...\\nB. ...`` plus the suffix; the recorded prompt has no suffix. With ``--all-rounds`` every
+rotation of the options is asked, so splits with an ``answer`` column (dev) get a local CircularEval; otherwise the
+local number is round-0 accuracy. The paper's MMB columns come from the server.
 """
 
 from __future__ import annotations

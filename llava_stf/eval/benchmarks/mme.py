@@ -1,9 +1,11 @@
-"""MME (reference §8.5, MME): yes/no parsing, per-task acc + acc+, headline Perception (sum of 10 tasks, max 2000).
+"""MME: yes/no parsing, per-task acc + acc+, headline Perception (sum of 10 tasks, max 2000).
 
 Questions ``MME/llava_mme.jsonl`` (``question_id`` is the image path, shared by an image's two questions), images
 and ground truth ``MME/MME_Benchmark_release_version/``, answers ``MME/answers/<ckpt>.jsonl``. Like upstream's
 ``convert_answer_to_mme.py`` this restores " Please answer yes or no." to match each answer with its ground truth
-and writes ``MME/eval_tool/answers/<ckpt>/<category>.txt`` for the official ``calculation.py``.
+and writes ``MME/eval_tool/answers/<ckpt>/<category>.txt`` for the official ``calculation.py`` (MME's
+``eval_tool``, BradyFU/Awesome-Multimodal-Large-Language-Models, ``Evaluation`` branch), as haotian-liu/LLaVA
+``scripts/v1_5/eval/mme.sh`` does.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""POPE on COCO val2014 (reference §8.5, POPE): per-split accuracy / precision / recall / F1, headline mean F1.
+"""POPE on COCO val2014: per-split accuracy / precision / recall / F1, headline mean F1.
 
 Questions ``pope/llava_pope_test.jsonl`` (with ``category``), images ``pope/val2014/``, labels
-``pope/coco/coco_pope_{adversarial,popular,random}.json``, answers ``pope/answers/<ckpt>.jsonl``. Upstream pairs
-answers with label lines by position (bug 16); here each label line is joined to its question on (image, question
-text without the suffix), and a question without exactly one label is an error.
+``pope/coco/coco_pope_{adversarial,popular,random}.json``, answers ``pope/answers/<ckpt>.jsonl``. Upstream
+(haotian-liu/LLaVA ``llava/eval/eval_pope.py``) pairs answers with label lines by position; here each label line is
+joined to its question on (image, question text without the suffix), and a question without exactly one label is an
+error.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""ScienceQA-IMG (reference §8.5, ScienceQA-IMG): option letter parsing, headline IMG-Accuracy.
+"""ScienceQA-IMG: option letter parsing, headline IMG-Accuracy (haotian-liu/LLaVA ``llava/eval/eval_science_qa.py``).
 
 Questions ``scienceqa/llava_test_CQM-A.json`` (a LLaVA-format list; problems without ``image`` are text-only),
 images ``scienceqa/images/test/``, ground truth ``scienceqa/problems.json`` + ``scienceqa/pid_splits.json``, answers
 ``scienceqa/answers/<ckpt>.jsonl``; metrics also go to ``scienceqa/answers/<ckpt>_result.json``. Images are converted
-to RGB (upstream does not, bug 15).
+to RGB (upstream's ``llava/eval/model_vqa_science.py`` does not).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""TextVQA validation (reference §8.5, TextVQA): EvalAI-normalised VQA accuracy, questions with OCR tokens.
+"""TextVQA validation: EvalAI-normalised VQA accuracy, questions with OCR tokens.
+
+Scored as haotian-liu/LLaVA ``llava/eval/eval_textvqa.py`` (with ``llava/eval/m4c_evaluator.py``) does.
 
 Questions ``textvqa/llava_textvqa_val_v051_ocr.jsonl`` (``question_id`` is the image id), images
 ``textvqa/train_images/``, annotations ``textvqa/TextVQA_0.5.1_val.json``, answers ``textvqa/answers/<ckpt>.jsonl``.

@@ -1,7 +1,8 @@
-"""VizWiz test (reference §8.5, VizWiz): scored only by the EvalAI server; this writes its upload file.
+"""VizWiz test: scored only by the EvalAI server; this writes its upload file.
 
 Questions ``vizwiz/llava_test.jsonl``, images ``vizwiz/test/``, answers ``vizwiz/answers/<ckpt>.jsonl``, upload
-``vizwiz/answers_upload/<ckpt>.json``: ``{"image", "answer"}`` per question with EvalAI-normalised answers.
+``vizwiz/answers_upload/<ckpt>.json``: ``{"image", "answer"}`` per question with EvalAI-normalised answers, as
+haotian-liu/LLaVA ``scripts/convert_vizwiz_for_submission.py`` writes it.
 """
 
 from __future__ import annotations

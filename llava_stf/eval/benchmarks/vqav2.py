@@ -1,9 +1,10 @@
-"""VQAv2 test-dev (reference §8.5, VQAv2): scored only by the EvalAI server; this writes its upload file.
+"""VQAv2 test-dev: scored only by the EvalAI server; this writes its upload file.
 
 Questions ``vqav2/llava_vqav2_mscoco_test-dev2015.jsonl``, full id list ``vqav2/llava_vqav2_mscoco_test2015.jsonl``,
 images ``vqav2/test2015/``, answers ``vqav2/answers/<split>/<ckpt>/merge.jsonl``, upload
 ``vqav2/answers_upload/<split>/<ckpt>.json``: one entry per test2015 question, EvalAI-normalised answers, ``""`` for
-questions outside test-dev; a test-dev question without an answer is an error (upstream fills it silently).
+questions outside test-dev; a test-dev question without an answer is an error (upstream's
+``scripts/convert_vqav2_for_submission.py`` in haotian-liu/LLaVA fills it silently).
 """
 
 from __future__ import annotations

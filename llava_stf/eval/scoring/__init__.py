@@ -1,5 +1,6 @@
-"""Scoring library: LLaVA-1.5's official scoring rules for its nine benchmarks (reference ``llava-1.5.md`` §8), as
-pure functions over lists and dicts that never read files or call a model.
+"""Scoring library: LLaVA-1.5's official scoring rules for its nine benchmarks (haotian-liu/LLaVA
+``docs/Evaluation.md``, ``llava/eval/`` and ``scripts/``), as pure functions over lists and dicts that never read files
+or call a model.
 
 Conventions: accuracy-type results are in percent (0-100, as reported in papers), MME task scores in points (max 200
 per task); every function fails loudly (ValueError/KeyError naming both sides) instead of silently dropping samples.

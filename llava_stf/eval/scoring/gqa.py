@@ -1,6 +1,6 @@
-"""GQA testdev-balanced scoring (reference §8.5, GQA): the prediction is the answer text with trailing periods
-stripped and lower-cased, and accuracy is exact string equality with the gold answer, as in the official ``eval.py``
-restricted to accuracy (the other metrics need files the v1.2 release lacks).
+"""GQA testdev-balanced scoring: the prediction is the answer text with trailing periods stripped and lower-cased
+(haotian-liu/LLaVA ``scripts/convert_gqa_for_eval.py``), and accuracy is exact string equality with the gold answer,
+as in the official GQA ``eval.py`` restricted to accuracy (the other metrics need files the v1.2 release lacks).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""MMBench local dev scoring (reference §8.5, MMBench): parse the chosen option letter from free-form text, map it
-back through the rotation recorded in ``option_char``, and apply CircularEval: a question counts only if every
-recorded rotation of its options is answered correctly. The official numbers come from the OpenCompass server, whose
-answer extraction is unverified; the letter parser here is a local approximation (see ``parse_mmbench_letter``).
+"""MMBench local dev scoring: parse the chosen option letter from free-form text, map it back through the rotation
+recorded in ``option_char`` (haotian-liu/LLaVA ``llava/eval/model_vqa_mmbench.py``), and apply CircularEval: a question
+counts only if every recorded rotation of its options is answered correctly. The official numbers come from the
+OpenCompass server, whose answer extraction is unverified; the letter parser here is a local approximation (see
+``parse_mmbench_letter``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ _SEPARATORS = str.maketrans({c: " " for c in ".()[],:;!*#{}"})
 def parse_mmbench_letter(text: str, options: Sequence[str]) -> str | None:
     """The displayed option letter an answer chooses, or None.
 
-    The server's extraction is unverified (reference §8.5); this follows the rule-based part of VLMEvalKit's
+    The server's extraction is not reproduced here; this follows the rule-based part of VLMEvalKit's
     ``can_infer``: first, exactly one of the letters ``A``, ``B``, ... (one per option) appears as a stand-alone
     token once ``.()[],:;!*#{}`` become spaces (``"B"``, ``"B. cat"``, ``"(B)"``, ``"The answer is B."``); otherwise,
     exactly one option text appears (case-insensitively) inside the answer.

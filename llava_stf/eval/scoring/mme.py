@@ -1,9 +1,10 @@
-"""MME scoring (reference §8.5, MME), as the official ``calculation.py``: parse each answer to yes/no/other, then per
-task ``acc`` (over questions) and ``acc+`` (over images with both questions right), task score = (acc + acc+) x 100,
-Perception = sum of the 10 perception tasks (max 2000) and Cognition = sum of the 4 cognition tasks (max 800).
+"""MME scoring, as the official ``calculation.py``: parse each answer to yes/no/other, then per task ``acc`` (over
+questions) and ``acc+`` (over images with both questions right), task score = (acc + acc+) x 100, Perception = sum of
+the 10 perception tasks (max 2000) and Cognition = sum of the 4 cognition tasks (max 800).
 
-Upstream pairs the two questions of an image by consecutive lines of the converted file; here they are grouped by
-``(category, image)``, and every image must have exactly two questions (upstream asserts the same).
+``calculation.py`` is part of MME's ``eval_tool`` (BradyFU/Awesome-Multimodal-Large-Language-Models, ``Evaluation``
+branch; paper arXiv 2306.13394). It pairs the two questions of an image by consecutive lines of the converted file;
+here they are grouped by ``(category, image)``, and every image must have exactly two questions (it asserts the same).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""POPE scoring (reference §8.5, POPE): map each answer to yes/no with the first-sentence word rule, then compute
-accuracy, precision, recall, F1 and yes-ratio per split (positive = yes) and the headline mean F1 over the splits.
+"""POPE scoring (haotian-liu/LLaVA ``llava/eval/eval_pope.py``): map each answer to yes/no with the first-sentence word
+rule, then compute accuracy, precision, recall, F1 and yes-ratio per split (positive = yes) and the headline mean F1
+over the splits.
 
-Upstream pairs answers with label-file lines by position (bug 16 in reference §9); here predictions and labels are
-joined on question id, and the two id sets must be equal.
+Upstream pairs answers with label-file lines by position; here predictions and labels are joined on question id, and the
+two id sets must be equal.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""ScienceQA-IMG scoring (reference §8.5, ScienceQA-IMG): parse the option letter from the answer text with the
-upstream rules, count a letter beyond the problem's choices or a missing prediction as wrong, and report both
-``Accuracy`` (all test problems) and ``IMG-Accuracy`` (answers whose recorded prompt contains ``<image>``), which is
-the number LLaVA-1.5 reports as "SQA".
+"""ScienceQA-IMG scoring (haotian-liu/LLaVA ``llava/eval/eval_science_qa.py``): parse the option letter from the answer
+text with the upstream rules, count a letter beyond the problem's choices or a missing prediction as wrong, and report
+both ``Accuracy`` (all test problems) and ``IMG-Accuracy`` (answers whose recorded prompt contains ``<image>``), which
+is the number LLaVA-1.5 reports as "SQA".
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 SQA_OPTIONS = ("A", "B", "C", "D", "E")
 FAILED = "FAILED"
 
-# The final "." is deliberately left unescaped: upstream's pattern (bug 18 in reference §9) matches ANY character after
+# The final "." is deliberately left unescaped: upstream's pattern (``eval_science_qa.py``) matches ANY character after
 # the letter, and reproducing it keeps our numbers comparable with published SQA scores. Consequences: "The answer is
 # B, because ..." parses as B, while "The answer is B" at the very end of the text (no character after it) fails.
 _ANSWER_IS = re.compile(r"The answer is ([A-Z]).")

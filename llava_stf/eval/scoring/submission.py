@@ -1,6 +1,7 @@
-"""Submission structures the evaluation servers accept (reference §8.5): VQAv2 test-dev and VizWiz test on EvalAI,
-MMBench (and MMBench-CN) on the OpenCompass server. These are pure functions returning rows; serialising them
-(JSON, ``.xlsx``) and reading answer files belongs to the benchmark modules.
+"""Submission structures the evaluation servers accept: VQAv2 test-dev and VizWiz test on EvalAI, MMBench (and
+MMBench-CN) on the OpenCompass server, as haotian-liu/LLaVA ``scripts/convert_{vqav2,vizwiz,mmbench}_for_submission.py``
+write them. These are pure functions returning rows; serialising them (JSON, ``.xlsx``) and reading answer files belongs
+to the benchmark modules.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ def vqav2_submission(
     """The EvalAI VQAv2 result list: one entry per question of the full test2015 list, in its order.
 
     Answered ids get the EvalAI-normalised text; the others get ``""``, which the server needs to accept a test-dev
-    upload (it expects every test2015 id). Upstream fills these silently (bug 20 in reference §9); pass
-    ``required_ids`` (the test-dev ids) to make a missing test-dev answer an error.
+    upload (it expects every test2015 id). Upstream (``scripts/convert_vqav2_for_submission.py``) fills these silently;
+    pass ``required_ids`` (the test-dev ids) to make a missing test-dev answer an error.
 
     Args:
         answers: ``{question_id: raw answer text}``.

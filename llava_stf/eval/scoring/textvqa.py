@@ -1,5 +1,6 @@
-"""TextVQA validation scoring (reference §8.5, TextVQA): recover the question from each answer's prompt, join it
-with the annotations on ``(image_id, question.lower())`` and score with EvalAI VQA accuracy (§8.3, §8.4).
+"""TextVQA validation scoring (haotian-liu/LLaVA ``llava/eval/eval_textvqa.py``): recover the question from each
+answer's prompt, join it with the annotations on ``(image_id, question.lower())`` and score with EvalAI VQA accuracy
+(``llava_stf.eval.scoring.vqa``).
 
 The answer file's ``question_id`` holds the TextVQA **image id**, because that is what the upstream scorer joins on.
 """

@@ -1,4 +1,8 @@
-"""EvalAI answer normalisation and VQA soft accuracy, as used by VQAv2, VizWiz and TextVQA (reference §8.3, §8.4).
+"""EvalAI answer normalisation and VQA soft accuracy, as used by VQAv2, VizWiz and TextVQA.
+
+Upstream: haotian-liu/LLaVA ``llava/eval/m4c_evaluator.py`` (``EvalAIAnswerProcessor``, itself copied from
+facebookresearch/mmf, and ``TextVQAAccuracyEvaluator``). The leave-one-out soft accuracy is the official VQA tool's
+(GT-Vision-Lab/VQA ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``).
 
 ``normalize_vqa_answer`` reproduces the EvalAI answer processor step by step, quirks included (at most 32 periods
 removed, the reversed ``somebody'd`` contraction, capitalised contraction keys that never match), so that local scores
@@ -18,7 +22,7 @@ from typing import Any
 NUM_VQA_ANSWERS = 10
 
 # Upstream writes ``(?!<=\d)(\.)(?!\d)``: the look-behind typo makes the first group a look-ahead for the literal "<="
-# plus a digit, which never matches in front of a ".", so only "not followed by a digit" takes effect (reference §8.3).
+# plus a digit, which never matches in front of a ".", so only "not followed by a digit" takes effect.
 _PERIOD_STRIP = re.compile(r"\.(?!\d)")
 # Upstream passes ``re.UNICODE`` (== 32) as the positional ``count`` of ``re.sub``: at most 32 periods are removed.
 _PERIOD_STRIP_COUNT = 32
@@ -51,8 +55,8 @@ def _process_punctuation(text: str) -> str:
 def _process_digit_article(text: str) -> str:
     tables = _tables()
     numbers, articles, contractions = tables["number_words"], set(tables["articles"]), tables["contractions"]
-    # Upstream looks number words up with ``dict.setdefault`` and so grows the table with every word it sees (bug 19
-    # in reference §9). ``dict.get`` gives the same words without mutating anything.
+    # Upstream looks number words up with ``dict.setdefault`` and so grows the table with every word it sees.
+    # ``dict.get`` gives the same words without mutating anything.
     words = [numbers.get(word, word) for word in text.lower().split()]
     words = [word for word in words if word not in articles]
     return " ".join(contractions.get(word, word) for word in words)
