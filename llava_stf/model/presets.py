@@ -1,5 +1,8 @@
 """Model presets: ``configs/model/*.yaml`` -> ``LlavaStfConfig`` on the real shapes, without any weights.
 
+The presets ship inside the package (``llava_stf/configs/model``, see :mod:`llava_stf.configs`), so a name such as
+``llava-stf-7b`` resolves from any working directory and in a non-editable install; a path to a YAML file works too.
+
 A preset names a vision tower and an LLM from the shape tables below (the public architectures of
 ``openai/clip-vit-large-patch14-336`` and ``lmsys/vicuna-{7,13}b-v1.5``) plus the projector settings. Tools that
 count FLOPs or parameters build the model on the meta device (:func:`build_meta_model`), which allocates nothing.
@@ -16,10 +19,11 @@ from typing import Any
 import torch
 import yaml
 
+from .. import configs
 from .configuration_llava_stf import LlavaStfConfig
 from .modeling_llava_stf import LlavaStfForConditionalGeneration
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+PRESET_DIR = configs.CONFIG_ROOT / "model"
 
 # Architecture facts of the public checkpoints (config.json values), so presets need no download.
 VISION_TOWERS: dict[str, dict[str, Any]] = {
@@ -64,7 +68,15 @@ PRESET_KEYS = {"vision", "llm", "projector_type", "projector_kwargs", "vision_fe
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return configs.names("model")
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """The YAML file of a preset name (shipped in the package) or of a path; FileNotFoundError lists the names."""
+    try:
+        return configs.resolve("model", name_or_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no preset {str(name_or_path)!r}; available: {list_presets()}") from None
 
 
 def _lookup(table: dict[str, dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -77,11 +89,7 @@ def _lookup(table: dict[str, dict[str, Any]], kind: str, name: str) -> dict[str,
 
 def load_preset(name_or_path: str | Path) -> LlavaStfConfig:
     """Config for a preset name (a file in ``configs/model``) or a path to a preset YAML."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no preset {name_or_path!r}; available: {list_presets()}")
+    path = preset_path(name_or_path)
     spec = yaml.safe_load(path.read_text()) or {}
     unknown = set(spec) - PRESET_KEYS
     if unknown:
@@ -117,10 +125,11 @@ def parameter_counts(model: LlavaStfForConditionalGeneration) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help=f"presets (default: all of {PRESET_DIR})")
+    parser.add_argument("names", nargs="*", help=f"preset names or YAML paths (default: all of {PRESET_DIR})")
     args = parser.parse_args(argv)
+    names = args.names or list_presets()
     print(f"{'preset':28} {'projector':13} {'tokens':>6} {'projector params':>17} {'total params':>14}")
-    for name in args.names or list_presets():
+    for name in names:
         model = build_meta_model(name)
         counts = parameter_counts(model)
         print(

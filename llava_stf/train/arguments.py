@@ -5,6 +5,10 @@ mappings of field names, merged left to right; any field can then be overridden 
 names are the dataclass fields below and every ``transformers.TrainingArguments`` field). A key that is not a
 field is an error that suggests the nearest names. ``preset`` fills the model fields from ``configs/model`` (hub ids
 of the towers and the projector settings) unless they are set explicitly.
+
+``--config``, ``preset`` and ``deepspeed`` take a file path or the name of a config shipped in the package
+(``--config finetune``, ``--preset llava-stf-7b``, ``--deepspeed zero2``; see :mod:`llava_stf.configs`), so the
+shipped recipes run from any working directory and from a non-editable install.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from llava_stf import configs
 from llava_stf.model import presets
 
 from .stages import STAGES
@@ -109,11 +114,10 @@ def apply_preset(model: ModelArguments) -> None:
     """Fill unset model fields from ``model.preset`` (towers' hub ids, projector settings)."""
     if model.preset is None:
         return
-    path = Path(model.preset)
-    if not path.is_file():
-        path = presets.PRESET_DIR / f"{model.preset}.yaml"
-        if not path.is_file():
-            raise ValueError(f"unknown model preset {model.preset!r}; valid presets: {presets.list_presets()}")
+    try:
+        path = presets.preset_path(model.preset)
+    except FileNotFoundError:
+        raise ValueError(f"unknown model preset {model.preset!r}; valid presets: {presets.list_presets()}") from None
     spec = yaml.safe_load(path.read_text())
     values = {
         "vision_tower": presets.VISION_TOWERS[spec["vision"]]["hub_id"],
@@ -125,6 +129,16 @@ def apply_preset(model: ModelArguments) -> None:
     for name, value in values.items():
         if getattr(model, name) is None:
             setattr(model, name, value)
+
+
+def resolve_deepspeed(value: Any) -> Any:
+    """A DeepSpeed json path or shipped name (``zero2``) -> a path; anything else (``""`` = off, a dict) as it is."""
+    if not isinstance(value, str) or not value:
+        return value
+    try:
+        return str(configs.resolve("deepspeed", value))
+    except FileNotFoundError:
+        return value  # transformers also takes base64-encoded JSON, and otherwise says what it expects
 
 
 def _finish(model: ModelArguments, data: DataArguments, stage: StageArguments) -> None:
@@ -148,10 +162,15 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     """``--config`` YAML files (merged in order), then command-line flags, into a ``RunConfig``."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", action="append", default=[])
+    pre.add_argument("--deepspeed", default=None)  # resolved before TrainingArguments reads the file
     known, rest = pre.parse_known_args(argv)
     merged: dict[str, Any] = {}
     for path in known.config:
-        merged.update(load_yaml(path))
+        merged.update(load_yaml(configs.resolve("train", path)))
+    if known.deepspeed is not None:
+        merged["deepspeed"] = known.deepspeed
+    if "deepspeed" in merged:
+        merged["deepspeed"] = resolve_deepspeed(merged["deepspeed"])
     parser = HfArgumentParser(GROUPS)
     valid = {f.name for group in GROUPS for f in dataclasses.fields(group) if f.init}
     unknown = sorted(set(merged) - valid)
@@ -173,4 +192,5 @@ __all__ = [
     "apply_preset",
     "load_yaml",
     "parse_config",
+    "resolve_deepspeed",
 ]

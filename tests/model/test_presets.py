@@ -17,9 +17,9 @@ def test_every_preset_builds_on_meta(name):
 @pytest.mark.parametrize(
     "name, tokens, projector_params",
     [
-        ("llava-v1.5-7b", 576, 20_979_712),  # llava-1.5.md 6.2
+        ("llava-v1.5-7b", 576, 20_979_712),  # haotian-liu/LLaVA multimodal_projector/builder.py mlp2x_gelu
         ("llava-v1.5-13b", 576, 31_467_520),
-        ("llava-stf-7b", 144, 171_992_064),  # llava-stf-official.md 1.8
+        ("llava-stf-7b", 144, 171_992_064),  # visresearch/LLaVA-STF: mm_projector_crosslayer + mm_projector
         ("llava-stf-13b", 144, 188_770_304),
     ],
 )
