@@ -111,12 +111,14 @@ class Generator:
 
     Args:
         model: A ``LlavaStfForConditionalGeneration`` (any LLaVA-style image-text-to-text model with ``generate``).
-        processor: Its ``LlavaStfProcessor``; its ``num_image_tokens`` must equal the model's.
+        processor: Its ``LlavaStfProcessor``; its ``num_image_tokens`` must equal the model's (unless an adaptive
+            reducer gives each image its own count, which ``encode`` writes).
     """
 
     def __init__(self, model: torch.nn.Module, processor: LlavaStfProcessor):
         expected = getattr(model.config, "num_image_tokens", None)
-        if expected is not None and processor.num_image_tokens != expected:
+        adaptive = getattr(model.config, "adaptive_image_tokens", False)  # counts come from each image's features
+        if expected is not None and not adaptive and processor.num_image_tokens != expected:
             raise ValueError(
                 f"processor and model disagree on image tokens: processor: {processor.num_image_tokens}, "
                 f"model: {expected} (was the processor saved with a different projector?)"
@@ -154,27 +156,40 @@ class Generator:
             )
         return self.template.prompt(request.turns)
 
-    def encode(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
+    def encode(self, requests: Sequence[Request]) -> dict:
         """Left-padded model inputs for a batch.
 
+        Images are encoded first (``model.get_image_features``), so each ``<image>`` is written with exactly as many
+        placeholders as its image has tokens: a fixed count for a projector, each image's own count for an adaptive
+        reducer (PruMerge). The features go to ``generate`` as ``mm_encoder_outputs`` and are not computed twice.
+
         Returns:
-            ``input_ids`` ``[B, T]`` and ``attention_mask`` ``[B, T]`` (0 on the left padding), plus ``pixel_values``
-            ``[n_images, 3, H, W]`` in request order when any request has an image.
+            ``input_ids`` ``[B, T]`` and ``attention_mask`` ``[B, T]`` (0 on the left padding), plus
+            ``mm_encoder_outputs`` ``{"image": features}`` (``pooler_output``: ``[tokens_i, D]`` per image, in request
+            order) when any request has an image.
         """
         if not requests:
             raise ValueError("encode got no requests")
-        sequences = [self.processor.encode_prompt(self.prompt(r)) for r in requests]
+        prompts = [self.prompt(r) for r in requests]  # checks the tags before any image is encoded
+        inputs: dict = {}
+        counts = iter(())
+        images = [r.image for r in requests if r.image is not None]
+        if images:
+            dtype = next(self.model.parameters()).dtype
+            pixels = self.processor.preprocess_images(images).to(self.device, dtype=dtype)
+            with torch.inference_mode():
+                features = self.model.get_image_features(pixel_values=pixels)
+            counts = iter([len(tokens) for tokens in features.pooler_output])
+            inputs["mm_encoder_outputs"] = {"image": features}
+        sequences = [
+            self.processor.encode_prompt(prompt, image_tokens=[next(counts)] if r.image is not None else [])
+            for prompt, r in zip(prompts, requests)
+        ]
         longest = max(len(s) for s in sequences)
         ids = [[self.pad_token_id] * (longest - len(s)) + s for s in sequences]
         mask = [[0] * (longest - len(s)) + [1] * len(s) for s in sequences]
-        inputs = {
-            "input_ids": torch.tensor(ids, dtype=torch.long, device=self.device),
-            "attention_mask": torch.tensor(mask, dtype=torch.long, device=self.device),
-        }
-        images = [r.image for r in requests if r.image is not None]
-        if images:
-            pixels = self.processor.preprocess_images(images)
-            inputs["pixel_values"] = pixels.to(self.device, dtype=next(self.model.parameters()).dtype)
+        inputs["input_ids"] = torch.tensor(ids, dtype=torch.long, device=self.device)
+        inputs["attention_mask"] = torch.tensor(mask, dtype=torch.long, device=self.device)
         return inputs
 
     @torch.inference_mode()

@@ -48,8 +48,9 @@ def measure(base: LlavaStfConfig, args, device: torch.device) -> list[Row]:
     pixels = torch.randn(1, 3, size, size, generator=g).to(device, DTYPES[args.dtype])
     text = torch.randint(3, 30000, (args.text_tokens,), generator=g).to(device)
     half, ids = args.text_tokens // 2, []
-    for _, config, _ in models:
-        image = torch.full((config.num_image_tokens,), config.image_token_id, device=device)
+    for _, config, model in models:  # an adaptive reducer's prompt holds the image's own count (untimed here)
+        n = len(model.get_image_features(pixel_values=pixels).pooler_output[0])
+        image = torch.full((n,), config.image_token_id, device=device)
         ids.append(torch.cat([text[:half], image, text[half:]])[None])
     runs = [[] for _ in models]
     for repeat in range(args.repeats + 1):  # the first round warms up
@@ -62,13 +63,13 @@ def measure(base: LlavaStfConfig, args, device: torch.device) -> list[Row]:
             torch.cuda.reset_peak_memory_stats(device)
         _, out, llm_tokens = prefill(model, prompt, pixels, clock)
         peak = torch.cuda.max_memory_allocated(device) - resident if device.type == "cuda" else None
-        kv = sum(t.numel() * t.element_size() for kv in out.past_key_values.layers for t in (kv.keys, kv.values))
+        kv = sum(t.numel() * t.element_size() for kv in out.cache.layers for t in (kv.keys, kv.values))
         clock.steps = []
         model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=pixels, do_sample=False,
                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0,
                        logits_processor=LogitsProcessorList([clock]))  # fmt: skip
-        n_text = prompt.shape[1] - config.num_image_tokens
-        image_tokens = config.num_image_tokens if config.reducer_type == "fastv" else llm_tokens - n_text
+        n_text = args.text_tokens
+        image_tokens = prompt.shape[1] - n_text  # FastV drops them later, inside the LLM
         selected = image_tokens - 1 if config.reducer_type in ("prumerge", "prumerge_plus") else None
         times = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
         decode = (len(clock.steps) - 1) / (clock.steps[-1] - clock.steps[0])

@@ -1,7 +1,9 @@
 """The latency benchmark's models: configs on real or scaled-down shapes, and variants sharing one set of weights.
 
 ``build`` makes one model per ``projector[+reducer]`` spec that shares a single randomly initialised vision tower,
-LLM and LM head, so only the projector (and reducer) differs between the variants being timed.
+LLM weights and LM head, so only the projector (and reducer) differs between the variants being timed. Each variant
+keeps its own language-model module (an in-LLM reducer's ``TokenDropLlamaModel`` hooks its own layers) holding the
+shared parameter tensors.
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ def build(base: LlavaStfConfig, specs: list[str], device: torch.device, dtype: t
         config = variant_config(base, spec)
         with torch.device("meta"):
             model = LlavaStfForConditionalGeneration(config)
-        model.model.vision_tower, model.model.language_model = shared.model.vision_tower, shared.model.language_model
+        model.model.vision_tower = shared.model.vision_tower
+        lm, shared_lm = model.model.language_model, shared.model.language_model
+        lm.load_state_dict(shared_lm.state_dict(), assign=True)  # the same tensors, not copies
+        lm.rotary_emb = shared_lm.rotary_emb  # its buffers are not in the state dict
         model.lm_head, model.model.multi_modal_projector = shared.lm_head, build_projector(config).to(device, dtype)
         model.model.multi_modal_projector.reset_parameters()
         models.append((spec, config, model.eval()))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -33,11 +32,12 @@ def chat_once(report: RunReport, data: Path) -> tuple[str, str, str]:
     """Ask the trained checkpoint one held-out question about its image; returns (question, answer, expected)."""
     from PIL import Image
 
+    from ..eval.answers import read_jsonl
     from ..generation import GenerationSettings, Generator, load_checkpoint
     from ..serve.chat import ChatSession
 
-    questions = [json.loads(line) for line in (data / "eval" / "questions.jsonl").read_text().splitlines()]
-    answers = {a["question_id"]: a["answer"] for a in map(json.loads, (data / "eval" / "answers.jsonl").open())}
+    questions = read_jsonl(data / "eval" / "questions.jsonl")
+    answers = {a["question_id"]: a["answer"] for a in read_jsonl(data / "eval" / "answers.jsonl")}
     q = next((q for q in questions if q["category"] == "color"), questions[0])
     session = ChatSession(
         Generator(*load_checkpoint(report.checkpoint)),

@@ -18,6 +18,7 @@ from transformers.modeling_utils import set_zero3_state
 from .configuration_llava_stf import LlavaStfConfig
 from .modeling_llava_stf import LlavaStfForConditionalGeneration, build_projector
 from .processing_llava_stf import LlavaStfProcessor
+from .reducers import install_llm_reducer
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ def build_model(
     with torch.device("meta"), set_zero3_state():
         model = LlavaStfForConditionalGeneration(config)
     model.model.vision_tower = vision
-    model.model.language_model = language.get_decoder()
+    # An in-LLM reducer (FastV) turns the loaded decoder into its TokenDropLlamaModel (same modules and weights).
+    model.model.language_model = install_llm_reducer(language.get_decoder(), model.model.reducer)
     model.lm_head = language.get_output_embeddings()
     projector = build_projector(config).to(dtype=load_kwargs["dtype"])
     projector.reset_parameters()

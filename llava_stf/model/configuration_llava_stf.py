@@ -3,7 +3,8 @@
 Architecture only (no training flags). The projector settings are resolved against the model shapes at
 construction, so the saved ``config.json`` records explicit numbers (block list, window, fused width, token
 count) and a model is always rebuilt from them, never from a directory name. The optional token reducer
-(``reducer_type`` / ``reducer_kwargs``: PruMerge, PruMerge+, FastV) is recorded the same way. Bad settings and
+(``reducer_type`` / ``reducer_kwargs``: PruMerge, PruMerge+, FastV) is recorded the same way; it is checked against
+the :class:`ReducerShapes` this config derives (reducers never see the config itself). Bad settings and
 invalid projector / reducer combinations raise at construction with a message that names the field.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 from transformers import LlavaConfig
 
 from .projectors import ProjectorConfigError, ProjectorParams, ProjectorShapes, get_projector_class
-from .reducers import ReducerParams, get_reducer_class
+from .reducers import ReducerParams, ReducerShapes, get_reducer_class, reducer_params
 
 
 class LlavaStfConfig(LlavaConfig):
@@ -65,9 +66,7 @@ class LlavaStfConfig(LlavaConfig):
             )
         self.projector_kwargs = params.to_kwargs()
         if reducer_type is not None:
-            reducer_params = self.reducer_params()
-            get_reducer_class(reducer_type).check_config(reducer_type, reducer_params, self)
-            self.reducer_kwargs = reducer_params.to_kwargs()
+            self.reducer_kwargs = reducer_params(reducer_type, self.reducer_kwargs, self.reducer_shapes()).to_kwargs()
         self.image_seq_length = self.num_image_tokens
 
     def with_reducer(self, reducer_type: str | None, reducer_kwargs: dict[str, Any] | None = None) -> LlavaStfConfig:
@@ -118,6 +117,34 @@ class LlavaStfConfig(LlavaConfig):
         """The projector's resolved settings as its typed dataclass."""
         return get_projector_class(self.projector_type).Params.from_kwargs(self.projector_type, self.projector_kwargs)
 
+    def _projector_tokens(self) -> int:
+        grid_h, grid_w = self.grid_size
+        extra = 1 if self.vision_feature_select_strategy == "full" else 0  # CLS kept (non-spatial projectors)
+        return self.projector_params().num_image_tokens(grid_h, grid_w) + extra
+
+    def reducer_shapes(self) -> ReducerShapes:
+        """The shapes a token reducer is checked and built against."""
+        grid_h, grid_w = self.grid_size
+        per_patch = self.projector_params().num_image_tokens(grid_h, grid_w) == grid_h * grid_w
+        return ReducerShapes(
+            grid_h=grid_h,
+            grid_w=grid_w,
+            num_vision_blocks=self._vision_depth(),
+            vision_model_type=str(getattr(self.vision_config, "model_type", "")),
+            drops_cls=self.vision_feature_select_strategy == "default",
+            projector=self.projector_type,
+            projector_tokens=self._projector_tokens(),
+            projector_per_patch=per_patch and not get_projector_class(self.projector_type).spatial,
+            text_model_type=str(getattr(self.text_config, "model_type", "")),
+            num_text_layers=int(self.text_config.num_hidden_layers),
+        )
+
+    @property
+    def adaptive_image_tokens(self) -> bool:
+        """Whether images get different token counts (a vision-side reducer such as PruMerge): then each prompt
+        must be written with each image's own count, known only after ``get_image_features``."""
+        return self.reducer_type is not None and get_reducer_class(self.reducer_type).adaptive
+
     def reducer_params(self) -> ReducerParams | None:
         """The reducer's settings as its typed dataclass (``None`` without a reducer)."""
         if self.reducer_type is None:
@@ -126,16 +153,14 @@ class LlavaStfConfig(LlavaConfig):
 
     @property
     def num_image_tokens(self) -> int:
-        """Placeholders per image: what the processor must expand each ``<image>`` into.
+        """Placeholders per image: what the processor expands each ``<image>`` into.
 
-        The projector's token count, or, with a vision-side reducer (PruMerge), its upper bound: the model fills the
-        first tokens of each image's span and drops the unused placeholders before the first LLM layer.
+        The projector's token count. With an adaptive reducer (``adaptive_image_tokens``: PruMerge) it is the most
+        one image can get; the prompt must then hold each image's own count (see ``data/placeholders.py``).
         """
-        grid_h, grid_w = self.grid_size
-        extra = 1 if self.vision_feature_select_strategy == "full" else 0  # CLS kept (non-spatial projectors)
-        tokens = self.projector_params().num_image_tokens(grid_h, grid_w) + extra
+        tokens = self._projector_tokens()
         if self.reducer_type is not None:
-            tokens = get_reducer_class(self.reducer_type).placeholder_tokens(self.reducer_params(), self, tokens)
+            tokens = get_reducer_class(self.reducer_type).image_tokens(self.reducer_params(), self.reducer_shapes())
         return tokens
 
 

@@ -4,12 +4,13 @@ Images follow LLaVA-1.5: ``square`` runs the CLIP processor as is (resize shorte
 pastes the image centred on a square canvas of the CLIP mean colour, ``int(mean * 255)`` = (122, 116, 104), so the
 crop removes nothing. Each ``<image>`` in the text becomes exactly ``num_image_tokens`` placeholder ids, the number
 the configured projector emits (576 for LLaVA-1.5, 144 for MBTF+STF at 336 px). The expansion is done on token ids,
-so the image span can never be split or merged by the tokenizer.
+so the image span can never be split or merged by the tokenizer. With an adaptive token reducer (PruMerge) each image
+has its own count, known from ``model.get_image_features``: pass them as ``image_tokens``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -98,19 +99,35 @@ class LlavaStfProcessor(ProcessorMixin):
                 out.append(int(tok))
         return out
 
-    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode_prompt(
+        self, text: str, add_special_tokens: bool = True, image_tokens: Sequence[int] | None = None
+    ) -> list[int]:
         """Token ids of one prompt with every ``<image>`` expanded, tokenized as LLaVA does.
 
         The text is split on ``<image>`` and each chunk is tokenized on its own (only the first with special tokens),
         so the text after an image starts a fresh word exactly as in LLaVA's training and evaluation (for
         SentencePiece tokenizers this keeps the word-initial marker after the image).
+
+        Args:
+            text: the prompt.
+            add_special_tokens: prepend the tokenizer's special tokens (BOS).
+            image_tokens: placeholders for each ``<image>`` in order (``None``: ``num_image_tokens`` each).
         """
         chunks = text.split(self.image_token)
+        counts = self._counts(image_tokens, len(chunks) - 1)
         ids = list(self.tokenizer.encode(chunks[0], add_special_tokens=add_special_tokens))
         for chunk in chunks[1:]:
-            ids += [self.image_token_id] * self.num_image_tokens
+            ids += [self.image_token_id] * next(counts)
             ids += self.tokenizer.encode(chunk, add_special_tokens=False)
         return ids
+
+    def _counts(self, image_tokens: Sequence[int] | None, n_images: int) -> Iterator[int]:
+        if image_tokens is None:
+            return iter([self.num_image_tokens] * n_images)
+        counts = [int(c) for c in image_tokens]
+        if len(counts) != n_images or any(c < 1 for c in counts):
+            raise ValueError(f"image_tokens must give a positive count for each of the {n_images} image(s): {counts}")
+        return iter(counts)
 
     def __call__(
         self,
@@ -119,8 +136,12 @@ class LlavaStfProcessor(ProcessorMixin):
         return_tensors: str | None = "pt",
         padding: bool = True,
         add_special_tokens: bool = True,
+        image_tokens: Sequence[int] | None = None,
     ) -> BatchFeature:
         """Tokenize ``text`` (one string or a batch), expand ``<image>`` and preprocess ``images``.
+
+        ``image_tokens``: placeholders per image in text order (``None``: ``num_image_tokens`` each); an adaptive
+        reducer's counts come from ``model.get_image_features``.
 
         Returns:
             ``input_ids`` ``[B, T]`` and ``attention_mask`` ``[B, T]`` (padded on ``tokenizer.padding_side``),
@@ -136,7 +157,11 @@ class LlavaStfProcessor(ProcessorMixin):
                 f"the text has {n_tags} {self.image_token!r} tag(s) but {n_images} image(s) were given; "
                 "each image needs exactly one tag"
             )
-        sequences = [self.encode_prompt(t, add_special_tokens) for t in texts]
+        counts = self._counts(image_tokens, n_tags)
+        sequences = [
+            self.encode_prompt(t, add_special_tokens, [next(counts) for _ in range(t.count(self.image_token))])
+            for t in texts
+        ]
         data: dict[str, Any] = self.pad(sequences) if padding or len(sequences) == 1 else {"input_ids": sequences}
         if n_images:
             data["pixel_values"] = self.preprocess_images(images)

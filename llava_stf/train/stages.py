@@ -14,6 +14,7 @@ records nothing there, which is LLaVA's ``no_grad`` tower. ``apply_stage`` is th
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -129,7 +130,9 @@ def wrap_lora(model: nn.Module, stage: Stage, r: int, alpha: int, dropout: float
         target_modules=lora_target_modules(model),
         modules_to_save=[PROJECTOR_ATTR],
     )
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft 0.21 reads transformers 5.24's deprecated alias; nothing of ours to change
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     log_parameter_counts(peft_model, stage)
     return peft_model
 

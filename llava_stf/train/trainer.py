@@ -4,11 +4,14 @@ Only documented extension points are overridden:
 
 - ``create_optimizer``: parameter groups {decay, no decay} x {projector, rest}; the projector groups use
   ``projector_lr``. Projector parameters are the trainable ones under ``multi_modal_projector`` (the official
-  LLaVA-STF release's always-true filter gave *every* parameter the projector rate; reference-official §3);
+  LLaVA-STF release's always-true name filter in its ``LLaVATrainer.create_optimizer`` (visresearch/LLaVA-STF)
+  gives *every* parameter the projector rate);
 - ``_get_train_sampler``: a seeded shuffle, or LLaVA's ``group_by_modality_length`` order, both replayed exactly on
   resume (``set_epoch``);
 - ``compute_loss``: takes the collator's ``data_events`` out of the batch before the forward pass, counts skipped
-  and truncated samples, and stops the run when more than ``max_bad_sample_fraction`` of the samples are bad;
+  and truncated samples, and stops the run when more than ``max_bad_sample_fraction`` of the samples are bad; with
+  an adaptive token reducer (PruMerge) it encodes the images first and fits each image's placeholders to its own
+  token count (``llava_stf.data.placeholders``), then passes the features as ``mm_encoder_outputs``;
 - ``log``: adds the running counts to every log line;
 - ``save_model``: periodic checkpoints of a plain (non-DeepSpeed, non-PEFT) run keep the model's own key names.
   ``save_pretrained`` writes the llava-hf key layout by default, but the Trainer's resume reloads a checkpoint with a
@@ -28,6 +31,7 @@ from transformers import PreTrainedModel, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from llava_stf.data.dataset import BadSampleError
+from llava_stf.data.placeholders import fit_image_placeholders
 from llava_stf.data.sampler import ModalityLengthGroupedSampler, ShuffleSampler
 
 from .stages import part_of
@@ -114,7 +118,30 @@ class LlavaStfTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         events = inputs.pop("data_events", None)
         self.count_data_events(events, int(inputs["input_ids"].shape[0]))
+        if inputs.get("pixel_values") is not None and getattr(model.config, "adaptive_image_tokens", False):
+            inputs = self.encode_images_first(model, inputs)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def encode_images_first(self, model, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Run ``get_image_features`` and write each image's own count of placeholders (adaptive reducers).
+
+        The collator wrote ``num_image_tokens`` placeholders per image, the most one image can get; the surplus is
+        removed (labels there are ignored) and the features go to the forward pass as ``mm_encoder_outputs``.
+        """
+        llava = self.accelerator.unwrap_model(model)
+        llava = llava.get_base_model() if hasattr(llava, "get_base_model") else llava  # PEFT
+        features = llava.get_image_features(pixel_values=inputs.pop("pixel_values"))
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        inputs = fit_image_placeholders(
+            inputs,
+            [len(tokens) for tokens in features.pooler_output],
+            image_token_id=llava.config.image_token_id,
+            slots=llava.config.num_image_tokens,
+            pad_token_id=0 if pad_id is None else pad_id,
+        )
+        inputs["mm_encoder_outputs"] = {"image": features}
+        return inputs
 
     # --------------------------------------------------------------------------------------------------- saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -16,7 +16,7 @@ from llava_stf.testing import make_image, tiny_config, tiny_model, tiny_processo
     "preset, tflops", [("llava-v1.5-7b", 7.634), ("llava-stf-7b", 1.876), ("ablation-k2-n2-7b", 3.774)]
 )
 def test_paper_convention_reproduces_reference(preset, tflops):
-    # token-reducers.md 8.2: visual tokens only, LLM only, 2 x MACs.
+    # The paper's convention (its 7.6 / 1.9 TFLOPs): visual tokens only, LLM only, 2 x MACs.
     assert count_flops(load_preset(preset)).paper / 1e12 == pytest.approx(tflops, abs=5e-4)
 
 
@@ -79,7 +79,8 @@ def with_reducer(preset: str, reducer: str, **kwargs) -> LlavaStfConfig:
 
 
 def test_fastv_follows_its_paper_formula():
-    # token-reducers.md 8.5: K f(n) + (L - K) f(n - R 576), n including the text; FLOPs = 57% (7B, K=3, R=0.5,
+    # FastV's own formula (arXiv 2403.06764):
+    # K f(n) + (L - K) f(n - R 576), n including the text; FLOPs = 57% (7B, K=3, R=0.5,
     # about 40 non-image tokens) and about 55% (13B, K=2, R=0.5).
     for preset, k, expected in [("llava-v1.5-7b", 3, 0.57), ("llava-v1.5-13b", 2, 0.55)]:
         base = count_flops(load_preset(preset), 40)
@@ -129,12 +130,14 @@ def test_reducer_counts_match_flop_counter_mode(projector, reducer, kwargs):
     config = tiny_config(projector_type=projector, reducer_type=reducer, reducer_kwargs=kwargs)
     model = tiny_model(config)
     model.set_attn_implementation("eager")
-    inputs = tiny_processor(config)(images=[make_image(0)], text=["USER: <image>\nWhat is in the picture? ASSISTANT:"])
+    processor, prompt = tiny_processor(config), ["USER: <image>\nWhat is in the picture? ASSISTANT:"]
+    inputs = processor(images=[make_image(0)], text=prompt)
     n_text = inputs["input_ids"].shape[1] - config.num_image_tokens
     selected = None
-    if reducer != "fastv":
+    if reducer != "fastv":  # PruMerge: the prompt holds the image's own count (selected + the extra token)
         with torch.no_grad():
             selected = len(model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]) - 1
+        inputs = processor(images=[make_image(0)], text=prompt, image_tokens=[selected + 1])
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(**inputs, logits_to_keep=1)

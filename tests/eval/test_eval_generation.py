@@ -69,7 +69,9 @@ def test_encode_pads_on_the_left_with_a_mask(generator) -> None:
         pad = width - len(ids)
         assert inputs["input_ids"][row, pad:].tolist() == ids
         assert inputs["attention_mask"][row].tolist() == [0] * pad + [1] * len(ids)
-    assert inputs["pixel_values"].shape[0] == 2
+    features = inputs["mm_encoder_outputs"]["image"].pooler_output  # images encoded once, before generation
+    n_image = (inputs["input_ids"] == generator.model.config.image_token_id).sum(dim=1).tolist()
+    assert n_image == [len(f) for f in features] == [generator.model.config.num_image_tokens] * 2
 
 
 def test_batch_gives_the_same_answers_as_one_by_one(generator) -> None:

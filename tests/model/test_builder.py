@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForImageTextToText, CLIPConfig, CLIPModel, CLIPTextConfig, LlamaForCausalLM
 
 from llava_stf.model.builder import build_model
+from llava_stf.model.reducers import TokenDropLlamaModel
 from llava_stf.testing import make_image, tiny_image_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
 
 
@@ -67,3 +68,20 @@ def test_build_model_projector_choice(tmp_path):
     assert model.config.projector_type == "stf"
     assert processor.num_image_tokens == model.config.num_image_tokens == 32
     assert processor.image_aspect_ratio == "square"
+
+
+def test_an_in_llm_reducer_survives_the_loaded_decoder(tmp_path):
+    """FastV lives in the language model: the decoder loaded from the LLM checkpoint must become its TokenDrop model."""
+    _, llm, _ = _save_towers(tmp_path)
+    model, processor = build_model(
+        str(tmp_path / "clip"), str(tmp_path / "llm"), projector_type="mlp2x_gelu", reducer_type="fastv",
+        reducer_kwargs={"k": 1, "r": 0.5},
+    )  # fmt: skip
+    assert isinstance(model.model.language_model, TokenDropLlamaModel)
+    assert torch.equal(model.model.language_model.layers[1].mlp.up_proj.weight, llm.model.layers[1].mlp.up_proj.weight)
+    inputs = processor(images=[make_image(0)], text=["USER: <image>\nWhat is it? ASSISTANT:"])
+    lengths = []
+    model.model.language_model.layers[-1].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    with torch.no_grad():
+        model.eval()(**inputs)
+    assert lengths == [inputs["input_ids"].shape[1] - model.config.num_image_tokens // 2]

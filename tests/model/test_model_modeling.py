@@ -71,7 +71,7 @@ def test_forward_and_loss_for_every_projector(tokenizer, name):
     out = model(**batch, labels=labels)
     assert out.logits.shape == (2, batch["input_ids"].shape[1], len(tokenizer))
     assert torch.isfinite(out.loss)
-    assert out.image_hidden_states.shape == (2 * n_tokens, model.config.text_config.hidden_size)
+    assert [f.shape for f in out.image_outputs.pooler_output] == [(n_tokens, model.config.text_config.hidden_size)] * 2
     out.loss.backward()
     for pname, param in model.model.multi_modal_projector.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, pname

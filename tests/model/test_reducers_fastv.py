@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llava_stf.model import LlavaStfConfig
-from llava_stf.model.reducers import DROP_STATE, kept_image_tokens
+from llava_stf.model.reducers import TokenDropLlamaModel, kept_image_tokens
 from llava_stf.testing import IMAGE_TOKEN, make_image, tiny_model, tiny_processor, tiny_text_config, tiny_vision_config
 
 PROMPTS = [
@@ -75,7 +75,7 @@ def test_tokens_after_layer_k_are_removed(pair, k, r):
     t, n_img = batch["input_ids"].shape[1], base.config.num_image_tokens
     dropped = n_img - kept_image_tokens(n_img, r)
     assert lengths == [t] * k + [t - dropped] * (LAYERS - k)
-    cache = out.past_key_values
+    cache = out.cache
     assert [cache.get_seq_length(i) for i in range(LAYERS)] == lengths  # the KV cache shrinks too
     assert out.logits.shape[:2] == batch["input_ids"].shape  # outputs keep the input length
 
@@ -86,12 +86,13 @@ def test_ranking_is_the_last_prompt_token_attention_at_layer_k_minus_1(pair):
     base.set_attn_implementation("eager")
     with torch.no_grad():
         probs = base(**batch, output_attentions=True).attentions[k - 1].mean(dim=1)[:, -1]  # [B, T]
-        state = getattr(fastv(k=k, r=r)(**batch, use_cache=True).past_key_values, DROP_STATE)
+        model = fastv(k=k, r=r)
+        state = model.model.language_model.drop_state(model(**batch, use_cache=True).cache)
     image = batch["input_ids"] == base.config.image_token_id
     kept = kept_image_tokens(base.config.num_image_tokens, r)
     for row in range(2):
         expected = set(probs[row].masked_fill(~image[row], -1).topk(kept).indices.tolist())
-        survivors = set(state.keep_index[row].tolist())  # both rows have 64 image tokens: no pad slots
+        survivors = set(state.stages[0].index[row].tolist())  # both rows have 64 image tokens: no pad slots
         assert {i for i in survivors if image[row, i]} == expected
         assert set(range(image.shape[1])) - survivors <= set(image[row].nonzero().flatten().tolist())
 
@@ -128,8 +129,8 @@ def test_in_place_pruning_equals_the_mask_variant_at_original_positions(pair, at
     positions = (batch["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
     with torch.no_grad():
         out = model(**batch, position_ids=positions, use_cache=True)
-        state = getattr(out.past_key_values, DROP_STATE)
-        keep = torch.zeros_like(batch["attention_mask"], dtype=torch.bool).scatter(1, state.keep_index, True)
+        state = model.model.language_model.drop_state(out.cache)
+        keep = torch.zeros_like(batch["attention_mask"], dtype=torch.bool).scatter(1, state.stages[0].index, True)
         expected = masked_variant_logits(base, batch, keep, k)
     text = batch["attention_mask"].bool() & (batch["input_ids"] != base.config.image_token_id)
     torch.testing.assert_close(out.logits[text], expected[text], rtol=1e-4, atol=1e-5)
@@ -174,9 +175,56 @@ def test_images_after_a_pruned_prefill_are_refused(pair):
     _, fastv, batch, _ = pair
     model = fastv(k=1, r=0.5)
     with torch.no_grad():
-        cache = model(**batch, use_cache=True).past_key_values
+        cache = model(**batch, use_cache=True).cache
         with pytest.raises(ValueError, match="already reduced"):
-            model(**batch, past_key_values=cache)
+            model(**batch, cache=cache)
+
+
+def test_the_language_model_is_a_llama_with_unchanged_parameter_names(pair):
+    base, fastv, _, _ = pair
+    model = fastv(k=2, r=0.5)
+    assert isinstance(model.model.language_model, TokenDropLlamaModel)
+    assert type(base.model.language_model).__name__ == "LlamaModel"
+    assert list(model.state_dict()) == list(base.state_dict())
+
+
+def test_text_only_row_in_a_batch_pads_the_survivors_and_equals_each_alone(pair, tokenizer):
+    """A text-only row keeps all its tokens while the image row loses half: the rows get different survivor counts."""
+    _, fastv, _, processor = pair
+    model = fastv(k=1, r=0.5)
+    image_prompt, text_prompt = PROMPTS[0], "USER: What is two plus two? Answer with one long sentence. ASSISTANT:"
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        both = model.generate(**processor(images=[make_image(1)], text=[image_prompt, text_prompt]), **kwargs)
+        alone = [
+            model.generate(**processor(images=[make_image(1)], text=[image_prompt]), **kwargs),
+            model.generate(**processor(text=[text_prompt]), **kwargs),
+        ]
+        cache = model(**processor(images=[make_image(1)], text=[image_prompt, text_prompt]), use_cache=True).cache
+    for row in range(2):
+        assert both[row, -6:].tolist() == alone[row][0, -6:].tolist()
+    stage = model.model.language_model.drop_state(cache).stages[0]
+    n_text = int(processor(text=[text_prompt])["attention_mask"].sum())
+    assert stage.mask.sum(dim=1).tolist()[1] == n_text  # the text row keeps every real token, plus pad slots
+    assert stage.mask.shape[1] > stage.mask.sum(dim=1).min()
+
+
+def test_trains_with_gradient_checkpointing_like_without(pair):
+    base, fastv, batch, _ = pair
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == base.config.image_token_id, -100)
+    labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    losses, grads = [], []
+    for checkpointing in (False, True):
+        model = fastv(k=2, r=0.5).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        out = model(**batch, labels=labels)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append(model.model.language_model.layers[-1].mlp.up_proj.weight.grad)
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
 
 
 @pytest.mark.gpu

@@ -1,5 +1,5 @@
 """PruMerge / PruMerge+: the IQR selection, the merge against a per-token loop, PruMerge+ positions, batching, and
-the model path (adaptive placeholders dropped before the LLM with compact positions)."""
+the model path (each image's own token count written into the prompt; the stock LLaVA forward does the rest)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,25 @@ import pytest
 import torch
 from torch import nn
 
-from llava_stf.model.reducers import DROP_STATE, PruMerge, PruMergeParams, PruMergePlus, PruMergePlusParams
+from llava_stf.data.placeholders import fit_image_placeholders
+from llava_stf.generation import GenerationSettings, Generator, Request
+from llava_stf.model import LlavaStfConfig, LlavaStfForConditionalGeneration, LlavaStfProcessor
+from llava_stf.model.reducers import PruMerge as _PruMerge
+from llava_stf.model.reducers import PruMergeParams, PruMergePlusParams, ReducerShapes
+from llava_stf.model.reducers import PruMergePlus as _PruMergePlus
 from llava_stf.model.reducers.prumerge import max_outliers
 from llava_stf.testing import IMAGE_TOKEN, make_image, tiny_config, tiny_model, tiny_processor
+
+# The selection and merge need no model shapes; these describe an 8 x 8 patch grid.
+SHAPES = ReducerShapes(8, 8, 4, "clip_vision_model", True, "mlp2x_gelu", 64, True, "llama", 2)
+
+
+def PruMerge(params):  # noqa: N802 - stands for the class, built with the test's shapes
+    return _PruMerge(params, SHAPES)
+
+
+def PruMergePlus(params):  # noqa: N802
+    return _PruMergePlus(params, SHAPES)
 
 
 class IdentityBlock(nn.Module):
@@ -160,55 +176,95 @@ def test_model_features_match_the_reducer_and_batch_alone(prumerge_setup):
         assert len(a) <= model.config.num_image_tokens == 65
 
 
-def test_llm_sees_only_the_real_tokens_with_compact_positions(prumerge_setup):
-    """Logits equal those of the stock LLM on a prompt written with exactly n + 1 placeholders."""
+def counts_of(model, pixel_values) -> list[int]:
+    with torch.no_grad():
+        return [len(f) for f in model.get_image_features(pixel_values=pixel_values).pooler_output]
+
+
+def test_prompt_holds_each_images_count_and_the_stock_forward_runs(prumerge_setup):
+    """Written with the image's own count, the logits are the stock LLM's on that prompt; the bound is refused."""
     model, processor = prumerge_setup
-    batch = processor(images=[make_image(1)], text=PROMPTS[:1])
+    images = [make_image(1)]
+    bound = processor(images=images, text=PROMPTS[:1])
+    with pytest.raises(ValueError, match="its own number of tokens"), torch.no_grad():
+        model(**bound)  # num_image_tokens placeholders: the most one image can get, not this image's count
+    (n,) = counts_of(model, bound["pixel_values"])
+    assert n < model.config.num_image_tokens
+    batch = processor(images=images, text=PROMPTS[:1], image_tokens=[n])
     seen = []
     handle = model.model.language_model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
     with torch.no_grad():
         out = model(**batch)
         features = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output[0]
-    handle.remove()
-    ids = batch["input_ids"][0]
-    image_id, n = model.config.image_token_id, len(features)
-    assert n < model.config.num_image_tokens  # some placeholders are really dropped
-    assert seen == [len(ids) - model.config.num_image_tokens + n]
-    start = int((ids == image_id).nonzero()[0])
-    short = torch.cat([ids[:start], ids.new_full((n,), image_id), ids[start + model.config.num_image_tokens :]])
-    with torch.no_grad():
-        embeds = model.get_input_embeddings()(short[None]).masked_scatter((short == image_id)[None, :, None], features)
+        ids = batch["input_ids"]
+        image = (ids == model.config.image_token_id)[..., None]
+        embeds = model.get_input_embeddings()(ids).masked_scatter(image, features)
+        handle.remove()
         expected = model.lm_head(model.model.language_model(inputs_embeds=embeds).last_hidden_state)
-    text_after = out.logits[0, start + model.config.num_image_tokens :]
-    torch.testing.assert_close(text_after, expected[0, start + n :], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out.logits[0, :start], expected[0, :start], rtol=1e-4, atol=1e-5)
+    assert seen == [ids.shape[1]]
+    torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fitting_a_bound_batch_equals_writing_the_counts(prumerge_setup, tokenizer, side):
+    model, processor = prumerge_setup
+    tokenizer.padding_side = side
+    images = [make_image(1), make_image(2)]
+    bound = processor(images=images, text=PROMPTS)
+    counts = counts_of(model, bound["pixel_values"])
+    assert counts[0] != counts[1]
+    exact = processor(images=images, text=PROMPTS, image_tokens=counts)
+    fitted = fit_image_placeholders(bound, counts, model.config.image_token_id, model.config.num_image_tokens,
+                                    tokenizer.pad_token_id, padding_side=side)  # fmt: skip
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(fitted[key], exact[key]), key
+    assert fitted["pixel_values"] is bound["pixel_values"]
 
 
 def test_generation_with_and_without_cache_and_batched(prumerge_setup):
     model, processor = prumerge_setup
-    images = [make_image(1), make_image(2)]
-    batch = processor(images=images, text=PROMPTS)
+    generator = Generator(model, processor)
+    questions = ["What is shown?", "Describe the image briefly."]
+    requests = [Request.single(q, make_image(i + 1)) for i, q in enumerate(questions)]
+    settings = GenerationSettings(max_new_tokens=6)
+    both = generator.generate(requests, settings)
+    assert both == [generator.generate([r], settings)[0] for r in requests]
+    inputs = generator.encode(requests)
     kwargs = dict(max_new_tokens=6, do_sample=False)
     with torch.no_grad():
-        cached = model.generate(**batch, **kwargs)
-        uncached = model.generate(**batch, **kwargs, use_cache=False)
-        assert torch.equal(cached, uncached)
-        for i in range(2):
-            single = processor(images=images[i : i + 1], text=PROMPTS[i : i + 1])
-            alone = model.generate(**single, **kwargs)
-            assert cached[i, -6:].tolist() == alone[0, -6:].tolist()
-        out = model(**batch, use_cache=True)
-    state = getattr(out.past_key_values, DROP_STATE)
-    assert state.layer == 0 and (state.shift > 0).all()
+        cached = model.generate(**inputs, **kwargs)
+        uncached = model.generate(**inputs, **kwargs, use_cache=False)
+    assert torch.equal(cached, uncached)
 
 
-def test_trains_through_the_reducer(prumerge_setup):
+def test_a_trained_checkpoint_runs_prumerge_with_its_own_processor(tmp_path, tokenizer):
+    """The README flow: switch PruMerge+ on for a checkpoint trained without it; its saved processor just works."""
+    config = tiny_config(tokenizer, "mlp2x_gelu")
+    tiny_model(config).save_pretrained(tmp_path)
+    tiny_processor(config, tokenizer).save_pretrained(tmp_path)
+    reduced = LlavaStfConfig.from_pretrained(tmp_path).with_reducer("prumerge_plus", {"knn": 8})
+    model = LlavaStfForConditionalGeneration.from_pretrained(tmp_path, config=reduced).eval()
+    processor = LlavaStfProcessor.from_pretrained(tmp_path)
+    assert processor.num_image_tokens == 64 and model.config.num_image_tokens == 65
+    generator = Generator(model, processor)
+    (n,) = [len(f) for f in generator.encode([Request.single("Hi?", make_image(1))])["mm_encoder_outputs"]["image"]
+            .pooler_output]  # fmt: skip
+    assert n < 64
+    assert len(generator.generate([Request.single("What is shown?", make_image(1))], GenerationSettings(3))) == 1
+
+
+def test_trains_through_the_reducer(prumerge_setup, tokenizer):
     model, processor = prumerge_setup
     model.train()
-    batch = processor(images=[make_image(1), make_image(2)], text=PROMPTS)
-    labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
-    labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
-    out = model(**batch, labels=labels)
+    bound = processor(images=[make_image(1), make_image(2)], text=PROMPTS)
+    labels = bound["input_ids"].masked_fill(bound["input_ids"] == model.config.image_token_id, -100)
+    labels = labels.masked_fill(bound["attention_mask"] == 0, -100)
+    features = model.get_image_features(pixel_values=bound["pixel_values"])
+    counts = [len(f) for f in features.pooler_output]
+    slots, image_id = model.config.num_image_tokens, model.config.image_token_id
+    batch = fit_image_placeholders({**bound, "labels": labels}, counts, image_id, slots, tokenizer.pad_token_id, "left")
+    del batch["pixel_values"]
+    out = model(**batch, mm_encoder_outputs={"image": features})
     assert out.logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(out.loss)
     out.loss.backward()
     grad = model.model.multi_modal_projector.linear_1.weight.grad
@@ -220,9 +276,9 @@ def test_trains_through_the_reducer(prumerge_setup):
 def test_cuda_bf16_matches_the_reducer_count(prumerge_setup):
     model, processor = prumerge_setup
     model = model.to("cuda", torch.bfloat16)
-    batch = processor(images=[make_image(1), make_image(2)], text=PROMPTS).to("cuda")
-    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
-    with torch.no_grad():
-        counts = [len(f) for f in model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output]
-        out = model.generate(**batch, max_new_tokens=4, do_sample=False)
-    assert all(2 <= c <= model.config.num_image_tokens for c in counts) and out.shape[0] == 2
+    generator = Generator(model, processor)
+    requests = [Request.single("What is shown?", make_image(i)) for i in (1, 2)]
+    inputs = generator.encode(requests)
+    counts = [len(f) for f in inputs["mm_encoder_outputs"]["image"].pooler_output]
+    assert all(2 <= c <= model.config.num_image_tokens for c in counts)
+    assert len(generator.generate(requests, GenerationSettings(max_new_tokens=4))) == 2

@@ -132,12 +132,15 @@ class Projector(nn.Module):
         return features.transpose(1, 2).reshape(b, c, gh, gw)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, layer: nn.Module | None = None) -> None:
         """PyTorch's default init for every Linear / Conv layer (what LLaVA and the LLaVA-STF release get).
+
+        Args:
+            layer: one of this projector's layers to initialise (``None``: all of them).
 
         Uses transformers' init functions, which skip tensors already loaded from a checkpoint.
         """
-        for module in self.modules():
+        for module in self.modules() if layer is None else [layer]:
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 hf_init.kaiming_uniform_(module.weight, a=math.sqrt(5))
                 if module.bias is not None:

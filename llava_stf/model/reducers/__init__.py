@@ -1,21 +1,18 @@
 """The token-reducer registry: ``REDUCERS`` maps a config name (``config.reducer_type``) to its class.
 
 A reducer is chosen by config like a projector, recorded in ``config.json`` with its resolved settings
-(``reducer_kwargs``), and validated against the projector and towers at construction. Adding one is one file plus
-one line here. Never change what an existing name does: add a new name.
+(``reducer_kwargs``), and validated against the model's shapes at construction. Adding one is one file plus one line
+here. Never change what an existing name does: add a new name.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-from .base import Reducer, ReducerConfigError, ReducerParams
+from .base import Reducer, ReducerConfigError, ReducerParams, ReducerShapes
 from .fastv import FastV, FastVParams, equivalent_tokens, fastv_score_macs, kept_image_tokens
+from .language_model import DropState, DropView, LLMReducer, TokenDropLlamaModel, install_llm_reducer
 from .prumerge import PruMerge, PruMergeParams, PruMergePlus, PruMergePlusParams, prumerge_macs
-from .token_drop import DROP_STATE, DropState, forward_with_drop
-
-if TYPE_CHECKING:
-    from ..configuration_llava_stf import LlavaStfConfig
 
 REDUCERS: dict[str, type[Reducer]] = {
     "prumerge": PruMerge,  # vision side: CLS-attention IQR outliers + key-kNN merge (adaptive, ~32 of 576)
@@ -32,22 +29,28 @@ def get_reducer_class(name: str) -> type[Reducer]:
         raise ReducerConfigError(f"unknown reducer_type {name!r}; valid reducer types: {sorted(REDUCERS)}") from None
 
 
-def build_reducer(config: LlavaStfConfig) -> Reducer | None:
-    """The configured reducer (validated again), or ``None`` when ``config.reducer_type`` is unset."""
-    if config.reducer_type is None:
+def reducer_params(name: str, kwargs: dict[str, Any] | None, shapes: ReducerShapes) -> ReducerParams:
+    """``name``'s settings from ``kwargs`` (defaults filled in), checked against ``shapes``."""
+    cls = get_reducer_class(name)
+    params = cls.Params.from_kwargs(name, kwargs)
+    cls.check(name, params, shapes)
+    return params
+
+
+def build_reducer(name: str | None, kwargs: dict[str, Any] | None, shapes: ReducerShapes) -> Reducer | None:
+    """The reducer called ``name`` (validated), or ``None`` when ``name`` is ``None``."""
+    if name is None:
         return None
-    cls = get_reducer_class(config.reducer_type)
-    params = cls.Params.from_kwargs(config.reducer_type, config.reducer_kwargs)
-    cls.check_config(config.reducer_type, params, config)
-    return cls(params)
+    return get_reducer_class(name)(reducer_params(name, kwargs, shapes), shapes)
 
 
 __all__ = [
-    "DROP_STATE",
     "REDUCERS",
     "DropState",
+    "DropView",
     "FastV",
     "FastVParams",
+    "LLMReducer",
     "PruMerge",
     "PruMergeParams",
     "PruMergePlus",
@@ -55,11 +58,14 @@ __all__ = [
     "Reducer",
     "ReducerConfigError",
     "ReducerParams",
+    "ReducerShapes",
+    "TokenDropLlamaModel",
     "build_reducer",
     "equivalent_tokens",
     "fastv_score_macs",
-    "forward_with_drop",
     "get_reducer_class",
+    "install_llm_reducer",
     "kept_image_tokens",
     "prumerge_macs",
+    "reducer_params",
 ]

@@ -1,32 +1,51 @@
-"""Token-reducer contract: typed settings checked against the model config, and the two places a reducer acts.
+"""Token-reducer contract: typed settings and shapes, and the two places a reducer acts.
 
 A reducer is parameter-free (``nn.Module`` with no weights, so checkpoints are unchanged) and acts in one of two
 stages, named by its ``stage``:
 
-- ``"vision"``: between the vision tower and the projector. It receives the selected patch features
-  ``[B, N, C_in]`` plus the hidden state a chosen encoder block consumes, and returns a variable number of tokens per
-  image, padded to the batch maximum, with a validity mask. The processor writes ``placeholder_tokens`` placeholders
-  per image (an upper bound); the model drops the unused ones before the first LLM layer (see ``token_drop.py``).
-- ``"llm"``: inside the language model, where it drops image tokens from the hidden states at some layer.
+- ``"vision"``: between the vision tower and the projector, inside the model's public ``get_image_features``. It
+  receives the selected patch features ``[B, N, C_in]`` plus the hidden state a chosen encoder block consumes, and
+  returns a variable number of tokens per image (``adaptive``). Whoever writes the prompt writes each image's exact
+  count of placeholders (``llava_stf.generation.Generator`` and the trainer do; see ``data/placeholders.py``).
+- ``"llm"``: inside the language model, which really removes image tokens from its hidden states at some layers
+  (see :mod:`.language_model`).
 
-Settings live in ``config.reducer_kwargs`` as the reducer's ``Params`` dataclass; bad values raise
-:class:`ReducerConfigError` naming the field, and invalid projector / reducer combinations raise it too.
+A reducer never sees the model config: it is built from its ``Params`` (``config.reducer_kwargs``) and a
+:class:`ReducerShapes` the config derives, as projectors get ``ProjectorShapes``. Bad values raise
+:class:`ReducerConfigError` naming the field, and so do projector / tower combinations that cannot work.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
-
-if TYPE_CHECKING:  # only for annotations: reducers never import the config module at run time
-    from ..configuration_llava_stf import LlavaStfConfig
 
 
 class ReducerConfigError(ValueError):
     """A reducer setting, or a projector / reducer combination, that cannot work; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ReducerShapes:
+    """What a reducer may know about the model it is built into (derived from the config, never from names)."""
+
+    grid_h: int  # patch rows of one image (24 at 336 px / patch 14)
+    grid_w: int  # patch columns
+    num_vision_blocks: int  # vision encoder depth (24 for CLIP ViT-L)
+    vision_model_type: str  # vision_config.model_type ("clip_vision_model")
+    drops_cls: bool  # vision_feature_select_strategy == "default": the projector gets patches only
+    projector: str  # projector_type, for error messages
+    projector_tokens: int  # tokens the projector emits per image without a reducer
+    projector_per_patch: bool  # the projector maps each patch feature to one token (no spatial merge)
+    text_model_type: str  # text_config.model_type ("llama")
+    num_text_layers: int  # decoder layers of the language model
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_h * self.grid_w
 
 
 @dataclass
@@ -61,24 +80,27 @@ def check_fraction(name: str, value: Any) -> None:
 
 
 class Reducer(nn.Module):
-    """Base class: subclasses set ``Params`` and ``stage`` and implement ``forward``.
+    """Base class: subclasses set ``Params`` and ``stage`` and implement their stage's methods.
 
     Args:
         params: the validated settings.
+        shapes: the model shapes (see :class:`ReducerShapes`).
     """
 
     Params: ClassVar[type[ReducerParams]] = ReducerParams
     stage: ClassVar[str] = "vision"  # "vision" (before the projector) or "llm" (inside the language model)
+    adaptive: ClassVar[bool] = False  # the number of image tokens differs per image (known only after the tower)
 
-    def __init__(self, params: ReducerParams):
+    def __init__(self, params: ReducerParams, shapes: ReducerShapes):
         super().__init__()
         self.params = params
+        self.shapes = shapes
 
     @classmethod
-    def check_config(cls, reducer_type: str, params: ReducerParams, config: LlavaStfConfig) -> None:
+    def check(cls, reducer_type: str, params: ReducerParams, shapes: ReducerShapes) -> None:
         """Raise :class:`ReducerConfigError` when the settings or the projector / towers cannot work together."""
 
     @classmethod
-    def placeholder_tokens(cls, params: ReducerParams, config: LlavaStfConfig, projector_tokens: int) -> int:
-        """Placeholders per image the processor must write, given the projector's own count."""
-        return projector_tokens
+    def image_tokens(cls, params: ReducerParams, shapes: ReducerShapes) -> int:
+        """Image tokens per image that reach the LLM input (an upper bound when ``adaptive``)."""
+        return shapes.projector_tokens

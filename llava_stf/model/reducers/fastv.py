@@ -1,28 +1,25 @@
-"""FastV (Chen et al., 2024): drop the least-attended image tokens from the LLM's hidden states after layer K-1.
+"""FastV (Chen et al., 2024, arXiv 2403.06764): drop the least-attended image tokens after layer K-1 of the LLM.
 
-Ranking (``shared/reference/token-reducers.md`` section 4): the attention probabilities of layer ``K - 1`` from the
-last prompt token to every key, averaged over heads; the ``R`` fraction of each sample's image tokens with the
-lowest scores is dropped. Layers ``0 .. K-1`` see every token, layers ``K ..`` only the survivors, which keep their
-original position ids (RoPE stays consistent). This follows the recommended implementation: the scores are computed
-here from layer ``K - 1``'s own ``q_proj`` / ``k_proj`` for the query row only (``softmax(q_last K^T / sqrt(d_head))``),
-so SDPA / FlashAttention stay usable and no attention map is materialised; the rule is applied per sample (the
-original uses batch element 0); and under a KV cache the pruning happens once, at prefill (static-cache semantics
-of the HF port). The dropping itself is done by :mod:`.token_drop`.
+Ranking (the paper's section 4; pkunlp-icler/FastV): the attention probabilities of layer ``K - 1`` from the last
+prompt token to every key, averaged over heads; the ``R`` fraction of each sample's image tokens with the lowest
+scores is dropped. Layers ``0 .. K-1`` see every token, layers ``K ..`` only the survivors, which keep their original
+position ids (RoPE stays consistent). The scores are computed here from layer ``K - 1``'s own ``q_proj`` /
+``k_proj`` for the query row only (``softmax(q_last K^T / sqrt(d_head))``), so SDPA / FlashAttention stay usable and
+no attention map is materialised; the rule is applied per sample (the original uses batch element 0); and under a KV
+cache the pruning happens once, at prefill (as the static-cache variant of the original). The dropping itself is
+done by :class:`.language_model.TokenDropLlamaModel`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from .base import Reducer, ReducerConfigError, ReducerParams, check_fraction, check_int
-
-if TYPE_CHECKING:
-    from ..configuration_llava_stf import LlavaStfConfig
+from .base import ReducerConfigError, ReducerParams, ReducerShapes, check_fraction, check_int
+from .language_model import DropView, LLMReducer
 
 # Decoders whose layers follow transformers' Llama layout (input_layernorm, self_attn.{q,k}_proj, RoPE).
 SUPPORTED_LLMS = ("llama",)
@@ -39,26 +36,30 @@ def kept_image_tokens(num_image_tokens: int, r: float) -> int:
     return int((1.0 - r) * num_image_tokens + 0.5)
 
 
-class FastV(Reducer):
-    """Scores image tokens at layer ``K - 1`` and names the survivors; the LLM runner drops the rest."""
+class FastV(LLMReducer):
+    """Scores image tokens at layer ``K - 1`` and names the survivors; the language model drops the rest."""
 
     Params = FastVParams
-    stage = "llm"
 
     @classmethod
-    def check_config(cls, reducer_type: str, params: FastVParams, config: LlavaStfConfig) -> None:
+    def check(cls, reducer_type: str, params: FastVParams, shapes: ReducerShapes) -> None:
         check_int("k", params.k, 1)
         check_fraction("r", params.r)
-        model_type = getattr(config.text_config, "model_type", None)
-        if model_type not in SUPPORTED_LLMS:
+        if shapes.text_model_type not in SUPPORTED_LLMS:
             raise ReducerConfigError(
                 f"reducer_type '{reducer_type}' runs inside a Llama-style decoder; text_config.model_type is "
-                f"{model_type!r} (supported: {list(SUPPORTED_LLMS)})"
+                f"{shapes.text_model_type!r} (supported: {list(SUPPORTED_LLMS)})"
             )
 
-    def prune_layer(self, num_layers: int) -> int | None:
-        """First layer that sees the pruned sequence, or ``None`` when nothing is pruned (K >= layers or R == 0)."""
-        return self.params.k if self.params.k < num_layers and self.params.r > 0 else None
+    def drop_layers(self) -> list[int]:
+        """``[K]``, or nothing when nothing is pruned (K >= layers or R == 0)."""
+        return [self.params.k] if self.params.k < self.shapes.num_text_layers and self.params.r > 0 else []
+
+    def select(self, view: DropView) -> torch.Tensor:
+        """Survivors ``[B, T]``: every non-image token and the top ``round((1 - R) n)`` image tokens of each row."""
+        scores = self.scores(view.layer_input, view.layer, view.position_embeddings, view.attention_mask,
+                             view.query_index)  # fmt: skip
+        return self.keep_mask(scores, view.image_mask)
 
     @torch.no_grad()
     def scores(

@@ -1,6 +1,7 @@
-"""PruMerge and PruMerge+ (Shang et al., 2024): adaptive vision-token pruning and merging before the projector.
+"""PruMerge and PruMerge+ (Shang et al., 2024, arXiv 2403.15388): adaptive vision-token pruning and merging.
 
-Per image, following 42Shawn/LLaVA-PruMerge (see ``shared/reference/token-reducers.md`` sections 1-2):
+They act before the projector. Per image, following 42Shawn/LLaVA-PruMerge (``llava/model/multimodal_encoder/
+clip_encoder.py``, ``token_prune_merge_advanced`` and its ``_plus`` variant):
 
 1. CLS attention from one encoder block, single head over the full width: ``a = softmax(q_cls k^T / sqrt(C))`` over
    all ``N + 1`` keys, keeping the ``N`` patch columns. ``q`` and ``k`` are that block's ``q_proj`` / ``k_proj`` of
@@ -21,17 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..projectors import get_projector_class
-from .base import Reducer, ReducerConfigError, ReducerParams, check_int
-
-if TYPE_CHECKING:
-    from ..configuration_llava_stf import LlavaStfConfig
+from .base import Reducer, ReducerConfigError, ReducerParams, ReducerShapes, check_int
 
 ORDERS = ("attention", "raster")
 
@@ -85,12 +82,13 @@ class PruMerge(Reducer):
 
     Params = PruMergeParams
     stage = "vision"
+    adaptive = True
     uniform_supplement: ClassVar[bool] = False
     # Published average (about 32 of 576 tokens kept, plus the extra one). Used only to assume a count for FLOPs.
     assumed_keep_ratio: ClassVar[float] = 32 / 576
 
     @classmethod
-    def check_config(cls, reducer_type: str, params: PruMergeParams, config: LlavaStfConfig) -> None:
+    def check(cls, reducer_type: str, params: PruMergeParams, shapes: ReducerShapes) -> None:
         check_int("knn", params.knn, 1)
         check_int("min_tokens", params.min_tokens, 1)
         if isinstance(params.iqr_scale, bool) or not isinstance(params.iqr_scale, (int, float)) or params.iqr_scale < 0:
@@ -99,26 +97,24 @@ class PruMerge(Reducer):
             raise ReducerConfigError(f"reducer_kwargs.order must be one of {ORDERS}, got {params.order!r}")
         if cls.uniform_supplement:
             check_int("uniform_divisor", params.uniform_divisor, 1)
-        grid_h, grid_w = config.grid_size
-        patches = grid_h * grid_w
-        projector = get_projector_class(config.projector_type)
-        if projector.spatial or config.projector_params().num_image_tokens(grid_h, grid_w) != patches:
+        patches = shapes.num_patches
+        if not shapes.projector_per_patch:
             raise ReducerConfigError(
                 f"reducer_type '{reducer_type}' passes a variable number of merged tokens to the projector, so it "
-                f"needs a projector that maps each patch to one token; projector_type '{config.projector_type}' "
-                f"merges the {grid_h}x{grid_w} patch grid (use mlp2x_gelu or mbtf)"
+                f"needs a projector that maps each patch to one token; projector_type '{shapes.projector}' "
+                f"merges the {shapes.grid_h}x{shapes.grid_w} patch grid (use mlp2x_gelu or mbtf)"
             )
-        if config.vision_feature_select_strategy != "default":
+        if not shapes.drops_cls:
             raise ReducerConfigError(
                 f"reducer_type '{reducer_type}' scores patches by CLS attention, so vision_feature_select_strategy "
-                f"must be 'default' (CLS dropped), got {config.vision_feature_select_strategy!r}"
+                "must be 'default' (CLS dropped)"
             )
-        if getattr(config.vision_config, "model_type", None) != "clip_vision_model":
+        if shapes.vision_model_type != "clip_vision_model":
             raise ReducerConfigError(
                 f"reducer_type '{reducer_type}' needs a CLIP vision tower (a CLS token and CLIP encoder blocks); "
-                f"vision_config.model_type is {getattr(config.vision_config, 'model_type', None)!r}"
+                f"vision_config.model_type is {shapes.vision_model_type!r}"
             )
-        depth = int(config.vision_config.num_hidden_layers)
+        depth = shapes.num_vision_blocks
         in_range = isinstance(params.attn_layer, int) and -(depth + 1) <= params.attn_layer <= depth
         if not in_range or params.attn_layer % (depth + 1) == depth:
             raise ReducerConfigError(
@@ -138,8 +134,9 @@ class PruMerge(Reducer):
         return max(max_outliers(num_patches), params.min_tokens)
 
     @classmethod
-    def placeholder_tokens(cls, params: PruMergeParams, config: LlavaStfConfig, projector_tokens: int) -> int:
-        return cls.max_selected(params, projector_tokens) + 1
+    def image_tokens(cls, params: PruMergeParams, shapes: ReducerShapes) -> int:
+        """The most tokens one image can get: every selected token plus the extra one."""
+        return cls.max_selected(params, shapes.projector_tokens) + 1
 
     def block_index(self, depth: int) -> int:
         """Index of the scoring block in the encoder (and of its input in ``hidden_states``) for ``depth`` blocks."""
