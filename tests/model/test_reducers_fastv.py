@@ -3,6 +3,8 @@ generation, batching and SDPA / eager agreement."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -186,6 +188,30 @@ def test_the_language_model_is_a_llama_with_unchanged_parameter_names(pair):
     assert isinstance(model.model.language_model, TokenDropLlamaModel)
     assert type(base.model.language_model).__name__ == "LlamaModel"
     assert list(model.state_dict()) == list(base.state_dict())
+
+
+def test_a_deep_copy_drops_tokens_itself(pair):
+    _, fastv, batch, _ = pair
+    model = fastv(k=2, r=0.5)
+    copied = copy.deepcopy(model)
+    lengths, out = layer_lengths(copied, batch)
+    assert lengths[-1] < lengths[0]
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_lora_wraps_and_merges_without_losing_the_reducer(pair):
+    from llava_stf.train.stages import apply_stage, get_stage, wrap_lora
+
+    _, fastv, batch, _ = pair
+    model = fastv(k=2, r=0.5)
+    apply_stage(model, get_stage("lora"))
+    peft = wrap_lora(model, get_stage("lora"), r=4, alpha=8, dropout=0.0)
+    lengths, _ = layer_lengths(peft.base_model.model, batch)
+    assert lengths[-1] < lengths[0]  # LoRA-wrapped projections, tokens still dropped
+    merged = peft.merge_and_unload()
+    assert isinstance(merged.model.language_model, TokenDropLlamaModel)
+    assert layer_lengths(merged, batch)[0] == lengths
 
 
 def test_text_only_row_in_a_batch_pads_the_survivors_and_equals_each_alone(pair, tokenizer):

@@ -24,6 +24,7 @@ The multimodal model says which input positions are image tokens, and where the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -162,9 +163,9 @@ class TokenDropLlamaModel(LlamaModel):
         self._call: tuple[torch.Tensor, int | None] | None = None  # (image mask [B, T], prompt length) of one call
         self._plan: _Plan | None = None
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> DropState
-        for i, layer in enumerate(self.layers):
-            layer.register_forward_pre_hook(self._before_layer(i), with_kwargs=True)
-            layer.register_forward_hook(self._after_layer(i), with_kwargs=True)
+        for i, layer in enumerate(self.layers):  # partials of bound methods: a deep copy hooks the copy, not us
+            layer.register_forward_pre_hook(functools.partial(self._before_layer, i), with_kwargs=True)
+            layer.register_forward_hook(functools.partial(self._after_layer, i), with_kwargs=True)
 
     @contextlib.contextmanager
     def reducing(self, image_mask: torch.Tensor, prompt_length: int | None = None) -> Iterator[None]:
@@ -197,7 +198,7 @@ class TokenDropLlamaModel(LlamaModel):
         if state is not None:
             if drops:
                 raise ValueError("images cannot be added to a KV cache whose tokens were already reduced")
-            self._plan = self._decode_plan(state, attention_mask, position_ids, cache, ref)
+            self._plan, inputs["position_ids"] = self._decode_plan(state, attention_mask, position_ids, cache, ref)
         else:
             past = cache.get_seq_length() if cache is not None else 0
             if past:
@@ -224,8 +225,12 @@ class TokenDropLlamaModel(LlamaModel):
                 self._states[out.cache] = DropState(t, [stage for stage, _ in plan.stages])
         return out
 
-    def _decode_plan(self, state: DropState, attention_mask, position_ids, cache, ref) -> _Plan:
-        """A call after a dropping prefill: each stage's layers attend to its survivors plus everything since."""
+    def _decode_plan(self, state: DropState, attention_mask, position_ids, cache, ref) -> tuple[_Plan, torch.Tensor]:
+        """A call after a dropping prefill: each stage's layers attend to its survivors plus everything since.
+
+        Returns:
+            The plan, and the position ids of the new tokens (original positions, ``[B or 1, T]``).
+        """
         b, t = ref.shape[:2]
         decoded = cache.get_seq_length(state.stages[0].layer) - state.stages[0].index.shape[1]
         total = state.prompt_length + decoded + t
@@ -246,7 +251,7 @@ class TokenDropLlamaModel(LlamaModel):
             causal = create_causal_mask(config=self.config, inputs_embeds=embeds, attention_mask=mask, cache=cache,
                                         position_ids=position_ids, layer_idx=stage.layer)  # fmt: skip
             plan.stages.append((stage, {"attention_mask": causal}))
-        return plan
+        return plan, position_ids
 
     # ------------------------------------------------------------------------------------------------- hooks
     def _stage_kwargs(self, i: int) -> dict | None:
@@ -256,50 +261,46 @@ class TokenDropLlamaModel(LlamaModel):
                 found = kwargs
         return found
 
-    def _before_layer(self, i: int):
-        def hook(module, args, kwargs):
-            if self._plan is None or (replaced := self._stage_kwargs(i)) is None:
-                return None
-            return args, {**kwargs, **replaced}
+    def _before_layer(self, i: int, module, args, kwargs):
+        """Layers after a drop get the survivors' mask, position ids and RoPE tables instead of the stock ones."""
+        if self._plan is None or (replaced := self._stage_kwargs(i)) is None:
+            return None
+        return args, {**kwargs, **replaced}
 
-        return hook
-
-    def _after_layer(self, i: int):
-        def hook(module, args, kwargs, output):
-            plan = self._plan
-            if plan is None or i + 1 not in plan.drop_layers or i + 1 >= len(self.layers):
-                return None
-            live = plan.live
-            hidden_in = args[0] if args else kwargs["hidden_states"]
-            rope = live.rope or tuple(e.expand(hidden_in.shape[0], -1, -1) for e in kwargs["position_embeddings"])
-            view = DropView(i, module, hidden_in, output, rope, live.real, live.image, live.query)
-            keep = self.reducer.select(view) | ~live.image
-            idx, valid = gather_plan(keep)
-            slot = _take(live.slot, idx) & valid
-            live = _Live(
-                index=_take(live.index, idx),
-                slot=slot,
-                real=_take(live.real, idx) & slot,
-                image=_take(live.image, idx) & slot,
-                positions=_take(live.positions, idx),
-                query=keep.long().cumsum(dim=1).gather(1, live.query[:, None]).squeeze(1) - 1,
-                rope=tuple(_take(e, idx) for e in rope),
-            )
-            hidden = _take(output, idx)
-            causal = create_causal_mask(
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=live.real,
-                cache=kwargs.get("cache"),
-                position_ids=live.positions,
-                layer_idx=i + 1,
-            )
-            replaced = {"attention_mask": causal, "position_ids": live.positions, "position_embeddings": live.rope}
-            plan.live = live
-            plan.stages.append((Stage(i + 1, live.index, live.real), replaced))
-            return hidden
-
-        return hook
+    def _after_layer(self, i: int, module, args, kwargs, output):
+        """After layer ``d - 1``: the reducer names the survivors and the output is gathered to them."""
+        plan = self._plan
+        if plan is None or i + 1 not in plan.drop_layers or i + 1 >= len(self.layers):
+            return None
+        live = plan.live
+        hidden_in = args[0] if args else kwargs["hidden_states"]
+        rope = live.rope or tuple(e.expand(hidden_in.shape[0], -1, -1) for e in kwargs["position_embeddings"])
+        view = DropView(i, module, hidden_in, output, rope, live.real, live.image, live.query)
+        keep = self.reducer.select(view) | ~live.image
+        idx, valid = gather_plan(keep)
+        slot = _take(live.slot, idx) & valid
+        live = _Live(
+            index=_take(live.index, idx),
+            slot=slot,
+            real=_take(live.real, idx) & slot,
+            image=_take(live.image, idx) & slot,
+            positions=_take(live.positions, idx),
+            query=keep.long().cumsum(dim=1).gather(1, live.query[:, None]).squeeze(1) - 1,
+            rope=tuple(_take(e, idx) for e in rope),
+        )
+        hidden = _take(output, idx)
+        causal = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=live.real,
+            cache=kwargs.get("cache"),
+            position_ids=live.positions,
+            layer_idx=i + 1,
+        )
+        replaced = {"attention_mask": causal, "position_ids": live.positions, "position_embeddings": live.rope}
+        plan.live = live
+        plan.stages.append((Stage(i + 1, live.index, live.real), replaced))
+        return hidden
 
 
 def install_llm_reducer(language_model: nn.Module, reducer: Reducer) -> nn.Module:
