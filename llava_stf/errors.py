@@ -30,10 +30,9 @@ def debug_requested(flag: bool = False) -> bool:
 
 def one_line(error: BaseException) -> str:
     """The error's message on one line (its type name when it has no message)."""
-    text = " ".join(str(error).split())
-    if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in text:
-        text = f"{text}: {error.filename}"
-    return text or type(error).__name__
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        return f"{error.strerror}: {error.filename}"  # not "[Errno 2] ...: '/x'"
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def run_main(work: Callable[[], int | None], debug: bool = False) -> int:
