@@ -1,7 +1,8 @@
 """Measured prefill latency, decode speed, peak memory and KV-cache bytes per image, side by side in one run.
 
 Every variant (``projector[+reducer]``) shares one randomly initialised vision tower, LLM and LM head (only the
-projector differs) and gets the same input: one image and ``--text-tokens`` text tokens, batch 1. Prefills run
+projector differs) and gets the same input: one image and ``--text-tokens`` text tokens per row, ``--batch`` equal
+rows (KV-cache bytes are reported per image, decode tokens/s over the whole batch). Prefills run
 round-robin over the variants (so load changes hit all alike); forward hooks split the time to first token into
 tower, reducer, projector and LLM. Reported next to the measured LLM prefill speed-up over the first variant: its
 analytic FLOPs ratio (``llava_stf.flops``, with PruMerge's measured token count). CUDA peak memory is measured above the
@@ -14,6 +15,8 @@ resident weights; on CPU it is not measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import statistics
 from dataclasses import dataclass
 
@@ -36,22 +39,23 @@ class Row:
     llm_tokens: int  # tokens through the last LLM layer
     times: dict[str, float]  # median seconds: prefill, vision, reducer (tower end to projector), projector, llm
     decode_tps: float
-    kv_bytes: int
+    kv_bytes: int  # KV cache of one image's row
     peak_bytes: int | None  # CUDA: peak memory above the resident weights during one prefill
     llm_flops: int
+    prefill_flops: int  # the whole prefill (tower, projector, reducer, LLM, LM head): what TTFT pays for
 
 
 @torch.no_grad()
 def measure(base: LlavaStfConfig, args, device: torch.device) -> list[Row]:
     clock, models = Clock(device), build(base, args.variants, device, DTYPES[args.dtype])
     size, g = base.vision_config.image_size, torch.Generator().manual_seed(0)
-    pixels = torch.randn(1, 3, size, size, generator=g).to(device, DTYPES[args.dtype])
+    pixels = torch.randn(1, 3, size, size, generator=g).to(device, DTYPES[args.dtype]).expand(args.batch, -1, -1, -1)
     text = torch.randint(3, 30000, (args.text_tokens,), generator=g).to(device)
     half, ids = args.text_tokens // 2, []
     for _, config, model in models:  # an adaptive reducer's prompt holds the image's own count (untimed here)
-        n = len(model.get_image_features(pixel_values=pixels).pooler_output[0])
+        n = len(model.get_image_features(pixel_values=pixels[:1]).pooler_output[0])
         image = torch.full((n,), config.image_token_id, device=device)
-        ids.append(torch.cat([text[:half], image, text[half:]])[None])
+        ids.append(torch.cat([text[:half], image, text[half:]])[None].expand(args.batch, -1))
     runs = [[] for _ in models]
     for repeat in range(args.repeats + 1):  # the first round warms up
         for i, (_, _, model) in enumerate(models):
@@ -63,7 +67,7 @@ def measure(base: LlavaStfConfig, args, device: torch.device) -> list[Row]:
             torch.cuda.reset_peak_memory_stats(device)
         _, out, llm_tokens = prefill(model, prompt, pixels, clock)
         peak = torch.cuda.max_memory_allocated(device) - resident if device.type == "cuda" else None
-        kv = sum(t.numel() * t.element_size() for kv in out.cache.layers for t in (kv.keys, kv.values))
+        kv = sum(t.numel() * t.element_size() for kv in out.cache.layers for t in (kv.keys, kv.values)) // args.batch
         clock.steps = []
         model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=pixels, do_sample=False,
                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0,
@@ -72,9 +76,9 @@ def measure(base: LlavaStfConfig, args, device: torch.device) -> list[Row]:
         image_tokens = prompt.shape[1] - n_text  # FastV drops them later, inside the LLM
         selected = image_tokens - 1 if config.reducer_type in ("prumerge", "prumerge_plus") else None
         times = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
-        decode = (len(clock.steps) - 1) / (clock.steps[-1] - clock.steps[0])
-        flops = count_flops(config, args.text_tokens, reducer_tokens=selected).llm
-        rows.append(Row(spec, image_tokens, llm_tokens, times, decode, kv, peak, flops))
+        decode = args.batch * (len(clock.steps) - 1) / (clock.steps[-1] - clock.steps[0])
+        flops = count_flops(config, args.text_tokens, reducer_tokens=selected)
+        rows.append(Row(spec, image_tokens, llm_tokens, times, decode, kv, peak, flops.llm, flops.full))
     return rows
 
 
@@ -85,16 +89,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu", help="shapes when no preset is given")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", default="cpu")
-    for name, default in [("text-tokens", 40), ("new-tokens", 16), ("repeats", 3), ("threads", 0)]:
+    for name, default in [("text-tokens", 40), ("new-tokens", 16), ("repeats", 3), ("threads", 0), ("batch", 1)]:
         parser.add_argument(f"--{name}", type=int, default=default)  # threads: CPU threads (1 is steadier when shared)
+    parser.add_argument("--json", default=None, help="also write the rows (and the run's settings) to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = measure(base_config(args.preset, args.size), args, device)
     ref = rows[0]
-    print(f"{args.preset or args.size} shapes, {args.dtype} on {device}, 1 image + {args.text_tokens} text tokens, "
-          f"random weights; median ms; speed-up and FLOPs ratio of the LLM prefill vs {ref.spec}")  # fmt: skip
+    print(f"{args.preset or args.size} shapes, {args.dtype} on {device}, batch {args.batch} x (1 image + "
+          f"{args.text_tokens} text tokens), random weights; median ms; LLM prefill speed-up and FLOPs ratio vs "
+          f"{ref.spec}")  # fmt: skip
     head = "img LLM TTFT vision reduce proj LLM speedup FLOPs-x eff proj% dec-t/s KV-MB peak-GB".split()
     print(("{:26}" + "{:>8}" * len(head)).format("variant", *head))
     for r in rows:
@@ -105,6 +111,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         cells += [f"{t['llm']:.1f}", f"{speedup:.2f}", f"{flops:.2f}", f"{speedup / flops:.0%}"]
         cells += [f"{t['projector'] / t['prefill']:.1%}", f"{r.decode_tps:.1f}", f"{r.kv_bytes / 2**20:.2f}", peak]
         print(("{:26}" + "{:>8}" * len(cells)).format(r.spec, *cells))
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        with open(args.json, "w") as f:
+            json.dump({"settings": settings, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
     return rows
 
 

@@ -55,6 +55,7 @@ def build(base: LlavaStfConfig, specs: list[str], device: torch.device, dtype: t
         with torch.device("meta"):
             model = LlavaStfForConditionalGeneration(config)
         model.model.vision_tower = shared.model.vision_tower
+        model.config.vision_config = shared.config.vision_config  # the shared tower's own config object
         lm, shared_lm = model.model.language_model, shared.model.language_model
         lm.load_state_dict(shared_lm.state_dict(), assign=True)  # the same tensors, not copies
         lm.rotary_emb = shared_lm.rotary_emb  # its buffers are not in the state dict
