@@ -12,6 +12,10 @@ budget and seeds and writes ``results.md``, ``results.csv`` and ``results.png`` 
 
 ``python -m llava_stf.demo oracle [--out playground/demo] [--seed 0]`` asks the demo's text LLM the held-out questions
 with the true caption instead of the image: what it can do with perfect visual information (see ``oracle``).
+
+Bad input (an ``--out`` that is a file, an unknown ``--projector``, an unwritable folder) is one ``error:`` line and
+exit status 1, checked before any work (``llava_stf.errors.run_main``; ``--debug`` or ``LLAVA_STF_DEBUG=1`` shows the
+traceback; the ``compare`` and ``oracle`` subcommands take ``LLAVA_STF_DEBUG=1``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..errors import UserError, add_debug_flag, run_main
 from .pipeline import FAST, DemoSettings, RunReport, format_loss, run_pipeline
 
 DEFAULT_OUT = Path("playground/demo")
@@ -30,8 +35,7 @@ DEFAULT_OUT = Path("playground/demo")
 
 def chat_once(report: RunReport, data: Path) -> tuple[str, str, str]:
     """Ask the trained checkpoint one held-out question about its image; returns (question, answer, expected)."""
-    from PIL import Image
-
+    from ..data.images import ImageLimits, load_image
     from ..eval.answers import read_jsonl
     from ..generation import GenerationSettings, Generator, load_checkpoint
     from ..serve.chat import ChatSession
@@ -41,7 +45,7 @@ def chat_once(report: RunReport, data: Path) -> tuple[str, str, str]:
     q = next((q for q in questions if q["category"] == "color"), questions[0])
     session = ChatSession(
         Generator(*load_checkpoint(report.checkpoint)),
-        Image.open(data / q["image"]).convert("RGB"),
+        load_image(data / q["image"], ImageLimits())[0],  # the one image policy, as training and evaluation
         GenerationSettings(max_new_tokens=16),
     )
     return q["text"].split("\n")[0], session.ask(q["text"]), answers[q["question_id"]]
@@ -69,16 +73,27 @@ def summary(report: RunReport, chat: tuple[str, str, str] | None) -> str:
     return "\n".join(lines)
 
 
+def check_arguments(out: Path, projector: str) -> None:
+    """One-line errors for an ``--out`` that cannot be a folder and an unknown ``--projector``, before any work."""
+    from ..model.projectors import PROJECTORS
+
+    in_the_way = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        raise UserError(f"--out {out}: {in_the_way} is a file, not a folder (--out names the artifact folder)")
+    if projector not in PROJECTORS:
+        raise UserError(f"unknown --projector {projector!r}; valid projectors: {', '.join(sorted(PROJECTORS))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
         from .compare import main as compare_main
 
-        return compare_main(argv[1:])
+        return run_main(lambda: compare_main(argv[1:]))
     if argv[:1] == ["oracle"]:
         from .oracle import main as oracle_main
 
-        return oracle_main(argv[1:])
+        return run_main(lambda: oracle_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m llava_stf.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="artifact folder (default: playground/demo)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the generated world stays seed 0)")
@@ -86,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--projector", default="mbtf_stf", help="projector registry name (default: mbtf_stf)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-chat", action="store_true", help="skip the chat answer")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    return run_main(lambda: demo(args), args.debug)
+
+
+def demo(args: argparse.Namespace) -> int:
+    check_arguments(args.out, args.projector)
     os.environ.setdefault("WANDB_MODE", "disabled")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging

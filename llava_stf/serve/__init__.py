@@ -1,7 +1,8 @@
 """Serving: the chat CLI (``python -m llava_stf.serve.cli``) on top of the one generation helper.
 
 ``chat.ChatSession`` keeps a multi-turn conversation for ``llava_stf.generation.Generator``; ``images`` loads the
-chat's image from a file or an http(s) URL with a time and size limit; ``cli`` is the terminal / script front end.
+chat's image from a file or an http(s) URL with a time limit and the package's one image policy
+(``data.images.ImageLimits``); ``cli`` is the terminal / script front end.
 """
 
 from .chat import ChatError, ChatSession

@@ -12,15 +12,24 @@ The conversation template and the image mode are the ones saved with the checkpo
 prompt, the answer streamed after ``ASSISTANT:``; an empty line, end of input (Ctrl-D) or Ctrl-C at the prompt quits,
 Ctrl-C during an answer stops it (the exchange is not kept). Scripts (``--query``, repeatable, or questions one per
 line on a stdin that is not a terminal, up to an empty line or EOF): stdout holds only the answers, each ending with a
-newline; messages go to stderr. Every expected failure (image file missing or corrupt, URL unreachable, too slow or too
-large, a folder that is not a llava_stf checkpoint, no CUDA or bitsandbytes for ``--device cuda`` / ``--load-4bit``)
-prints one ``error:`` line on stderr and exits with status 1; ``--debug`` adds each prompt and answer as a JSON line
-on stderr (and tracebacks for load failures).
+newline; messages go to stderr. Questions on stdin are decoded in stdin's encoding (UTF-8 unless the locale or
+``PYTHONIOENCODING`` says otherwise), strictly: a line that does not decode stops a script with an error naming the
+line and the byte (the answers before it are kept on stdout), and is refused at the interactive prompt. Replacing the
+bad bytes instead would answer a question the user did not ask. The image goes through the package's one image
+policy (``data.images.ImageLimits``: ``--max-image-bytes``, ``--max-image-pixels``, ``--max-aspect-ratio``, for files
+and URLs alike, with the training defaults).
+
+Errors go through the shared boundary (``llava_stf.errors.run_main``): every expected failure (image file missing,
+corrupt or over the limits, URL unreachable, too slow or too large, a folder that is not a llava_stf checkpoint, no
+CUDA or bitsandbytes for ``--device cuda`` / ``--load-4bit``, a bad flag value, undecodable input) prints one
+``error:`` line on stderr and exits with status 1. ``--debug`` (or ``LLAVA_STF_DEBUG=1``) shows the traceback instead,
+and prints each prompt and answer as a JSON line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import importlib.util
 import json
 import sys
@@ -29,17 +38,17 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
+from PIL import Image
 
+from ..data.images import IMAGE_TOO_LARGE, ImageLimits
+from ..errors import DEBUG_ENV, UserError, debug_requested, run_main
 from ..generation import GenerationSettings, Generator, check_checkpoint, default_device, load_checkpoint
 from .chat import ChatError, ChatSession
-from .images import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, ImageSourceError, open_image_source
+from .images import DEFAULT_TIMEOUT, ImageSourceError, open_image_source
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 USER, ASSISTANT = "USER: ", "ASSISTANT: "
-
-
-class CliError(Exception):
-    """An expected failure: printed as one ``error:`` line, exit status 1."""
+LIMIT_FLAGS = "--max-image-bytes, --max-image-pixels, --max-aspect-ratio"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     bits.add_argument("--load-8bit", action="store_true", help="quantize the LLM to 8 bits (bitsandbytes, CUDA)")
     bits.add_argument("--load-4bit", action="store_true", help="quantize the LLM to 4-bit NF4 (bitsandbytes, CUDA)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to download an image URL")
-    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest image download")
-    parser.add_argument("--debug", action="store_true", help="print prompts and answers as JSON lines on stderr")
+    limits = ImageLimits()
+    parser.add_argument(
+        "--max-image-bytes", type=int, default=limits.max_bytes, help="largest image file or download (64 MiB)"
+    )
+    parser.add_argument("--max-image-pixels", type=int, default=limits.max_pixels, help="largest width * height")
+    parser.add_argument(
+        "--max-aspect-ratio", type=float, default=limits.max_aspect_ratio, help="largest long side / short side"
+    )
+    # Not errors.add_debug_flag: the chat's --debug also prints the prompts and answers.
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"print prompts and answers as JSON lines on stderr; the traceback of an error (or set {DEBUG_ENV}=1)",
+    )
     return parser
 
 
@@ -68,34 +89,31 @@ def resolve_device(name: str, load_in_bits: int | None) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; a clear error for CUDA or quantization that cannot run here."""
     device = default_device() if name == "auto" else torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"--device cuda: no CUDA device is available (torch {torch.__version__}); use --device cpu")
+        raise UserError(f"--device cuda: no CUDA device is available (torch {torch.__version__}); use --device cpu")
     if load_in_bits is not None:
         missing = [] if importlib.util.find_spec("bitsandbytes") else ["the bitsandbytes package (pip install it)"]
         if device.type != "cuda":
             missing.append(f"a CUDA device (the device is {device})")
         if missing:
-            raise CliError(f"--load-{load_in_bits}bit needs bitsandbytes and CUDA; missing: {', '.join(missing)}")
+            raise UserError(f"--load-{load_in_bits}bit needs bitsandbytes and CUDA; missing: {', '.join(missing)}")
     return device
 
 
 def check_model_path(path: Path) -> None:
-    """A one-line ``CliError`` unless ``path`` is a llava_stf checkpoint folder (before anything slow is loaded)."""
-    try:
-        check_checkpoint(path)
-    except (FileNotFoundError, ValueError) as error:
-        raise CliError(str(error)) from None
+    """A one-line error unless ``path`` is a llava_stf checkpoint folder (before anything slow is loaded)."""
+    check_checkpoint(path)  # FileNotFoundError / ValueError with a one-line reason
 
 
 def load_generator(args: argparse.Namespace, device: torch.device, load_in_bits: int | None) -> Generator:
-    """The checkpoint's ``Generator``; any failure while loading it becomes a one-line ``CliError``."""
+    """The checkpoint's ``Generator``; any failure while loading it becomes a one-line ``UserError``."""
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
     try:
         return Generator(*load_checkpoint(args.model_path, device, dtype, load_in_bits))
     except Exception as err:  # a loading boundary: any failure is about the checkpoint, reported in one line
-        if args.debug:
+        if debug_requested(args.debug):
             raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CliError(f"cannot load {args.model_path}: {first}") from None
+        raise UserError(f"cannot load {args.model_path}: {first}") from None
 
 
 def read_questions(args: argparse.Namespace, interactive: bool, stdin: TextIO) -> Iterator[str]:
@@ -105,11 +123,34 @@ def read_questions(args: argparse.Namespace, interactive: bool, stdin: TextIO) -
     elif interactive:
         lines = _prompts()
     else:
-        lines = (line.rstrip("\r\n") for line in stdin)
+        lines = script_lines(stdin)
     for line in lines:
         if not line.strip():
             return
         yield line
+
+
+def script_lines(stdin: TextIO) -> Iterator[str]:
+    """The lines of a non-terminal stdin, decoded strictly in its encoding, without their line ends.
+
+    Raises:
+        UserError: At the first line that does not decode, naming the line, the byte and the fix.
+    """
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:  # already text (a StringIO)
+        yield from (line.rstrip("\r\n") for line in stdin)
+        return
+    encoding = codecs.lookup(stdin.encoding or "utf-8").name
+    for number, line in enumerate(raw, 1):
+        try:
+            text = line.decode(encoding)
+        except UnicodeDecodeError as err:
+            raise UserError(
+                f"stdin line {number} is not {encoding} text (byte 0x{line[err.start]:02x} at position "
+                f"{err.start + 1}): convert the input (e.g. iconv -f latin1 -t {encoding}) or set PYTHONIOENCODING "
+                "to its encoding"
+            ) from None
+        yield text.rstrip("\r\n")
 
 
 def _prompts() -> Iterator[str]:
@@ -119,10 +160,16 @@ def _prompts() -> Iterator[str]:
         pass
     while True:
         try:
-            yield input(USER)
+            line = input(USER)
+            line.encode("utf-8")  # a terminal read with surrogateescape (C locale) keeps bad bytes as lone surrogates
         except EOFError:
             print()
             return
+        except UnicodeError:  # input() decodes strictly in the terminal's encoding
+            encoding = sys.stdin.encoding or "utf-8"
+            print(f"error: that line is not valid {encoding} text; check the terminal's encoding", file=sys.stderr)
+            continue
+        yield line
 
 
 class AnswerPrinter:
@@ -179,21 +226,37 @@ def chat(session: ChatSession, questions: Iterator[str], interactive: bool, debu
     return 0
 
 
+def image_limits(args: argparse.Namespace) -> ImageLimits:
+    """The image policy from the flags, with a one-line error naming a bad flag."""
+    for flag, value in [
+        ("--timeout", args.timeout),
+        ("--max-image-bytes", args.max_image_bytes),
+        ("--max-image-pixels", args.max_image_pixels),
+    ]:
+        if not value > 0:  # NaN too
+            raise UserError(f"{flag} must be positive, got {value:g}")
+    if not args.max_aspect_ratio >= 1:
+        raise UserError(f"--max-aspect-ratio is long side / short side, at least 1; got {args.max_aspect_ratio:g}")
+    return ImageLimits(args.max_image_pixels, args.max_aspect_ratio, args.max_image_bytes)
+
+
+def open_image(source: str, timeout: float, limits: ImageLimits) -> Image.Image:
+    """The chat's image; an image over the limits gets an error that names the flags that set them."""
+    try:
+        return open_image_source(source, timeout, limits)
+    except ImageSourceError as error:
+        if error.reason != IMAGE_TOO_LARGE:
+            raise
+        raise UserError(f"{error} (the limits: {LIMIT_FLAGS})") from error
+
+
 def run(args: argparse.Namespace) -> int:
     load_in_bits = 8 if args.load_8bit else 4 if args.load_4bit else None
     device = resolve_device(args.device, load_in_bits)
-    try:
-        settings = GenerationSettings(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
-        )
-    except ValueError as error:
-        raise CliError(str(error)) from None
-    if args.timeout <= 0 or args.max_image_bytes <= 0:
-        raise CliError("--timeout and --max-image-bytes must be positive")
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    limits = image_limits(args)
     check_model_path(args.model_path)
-    image = None
-    if args.image_file is not None:
-        image = open_image_source(args.image_file, args.timeout, args.max_image_bytes)
+    image = None if args.image_file is None else open_image(args.image_file, args.timeout, limits)
     generator = load_generator(args, device, load_in_bits)
     session = ChatSession(generator, image, settings)
     processor, config = generator.processor, generator.model.config
@@ -210,7 +273,8 @@ def run(args: argparse.Namespace) -> int:
     interactive = not args.query and sys.stdin.isatty()
     if interactive:
         print("(an empty line or Ctrl-D quits)", file=sys.stderr)
-    return chat(session, read_questions(args, interactive, sys.stdin), interactive, args.debug)
+    debug = debug_requested(args.debug)
+    return chat(session, read_questions(args, interactive, sys.stdin), interactive, debug)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,14 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a generated character gets '?'
-    try:
-        return run(args)
-    except (CliError, ImageSourceError, ChatError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    return run_main(lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":

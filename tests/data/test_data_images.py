@@ -122,3 +122,47 @@ def test_float_image_in_unit_range_keeps_its_values():
     image = Image.fromarray(np.array([[0.0, 128.0], [255.0, 64.0]], dtype=np.float32), "F")
     rgb, converted = to_rgb(image)
     assert converted == "F" and [rgb.getpixel(xy)[0] for xy in [(0, 0), (1, 0), (0, 1), (1, 1)]] == [0, 128, 255, 64]
+
+
+# Issue 12: one image policy (bytes, pixels, aspect ratio) for training, evaluation and the chat. These fail before it:
+# ImageLimits had no byte limit, and there was no loader for the bytes of a download.
+
+
+def test_a_file_over_the_byte_limit_is_refused_before_decoding(tmp_path):
+    make_image(0, (48, 40)).save(tmp_path / "a.png")
+    size = (tmp_path / "a.png").stat().st_size
+    with pytest.raises(SkippedSample, match=rf"'.*a\.png' is {size} bytes > {size - 1} bytes") as info:
+        load_image(tmp_path / "a.png", ImageLimits(max_bytes=size - 1))
+    assert info.value.reason == IMAGE_TOO_LARGE
+    load_image(tmp_path / "a.png", ImageLimits(max_bytes=size))  # the limit itself is fine
+    assert ImageLimits(1, 2.0) == ImageLimits(max_pixels=1, max_aspect_ratio=2.0)  # positional use keeps working
+
+
+def test_bytes_in_memory_get_the_same_checks_and_conversion(tmp_path):
+    from llava_stf.data.images import decode_image_bytes
+
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.save(tmp_path / "clear.png")
+    data = (tmp_path / "clear.png").read_bytes()
+    decoded, converted = decode_image_bytes(data, "clear.png")
+    assert np.array_equal(np.asarray(decoded), np.asarray(load_image(tmp_path / "clear.png")[0]))
+    assert converted == "RGBA" and decoded.getpixel((0, 0)) == (255, 255, 255)
+    for limits, message in [
+        (ImageLimits(max_bytes=len(data) - 1), f"clear.png is {len(data)} bytes"),
+        (ImageLimits(max_pixels=15), "clear.png is 4x4 = 16 pixels > 15"),
+    ]:
+        with pytest.raises(SkippedSample, match=message) as info:
+            decode_image_bytes(data, "clear.png", limits)
+        assert info.value.reason == IMAGE_TOO_LARGE
+    with pytest.raises(SkippedSample) as info:
+        decode_image_bytes(b"hello", "text")
+    assert info.value.reason == UNREADABLE_IMAGE
+
+
+@pytest.mark.parametrize(
+    "fields", [{"max_bytes": 0}, {"max_pixels": -1}, {"max_aspect_ratio": 0.5}, {"max_aspect_ratio": float("nan")}]
+)
+def test_limits_that_would_refuse_everything_are_an_error(fields):
+    name = next(iter(fields))
+    with pytest.raises(ValueError, match=f"invalid image limits: {name}="):
+        ImageLimits(**fields)

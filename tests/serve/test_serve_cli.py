@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from serve_helpers import SMALL_LIMIT
+from serve_helpers import BIG_PNG, SMALL_LIMIT
 
 from llava_stf.generation import GenerationSettings, Generator
 from llava_stf.serve.chat import ChatSession
@@ -77,6 +77,14 @@ def _not_a_checkpoint(tmp_path, checkpoint):
         ("url timeout", r"error: timed out after 0\.3 s downloading http://127\.0\.0\.1:\d+/slow\.png"),
         ("url too large", rf"error: http://127\.0\.0\.1:\d+/big\.png is \d+ bytes, over the limit of {SMALL_LIMIT}"),
         ("bad temperature", r"error: temperature must be >= 0"),
+        # Added for issue 12 (each fails before it: no byte limit on files, no pixel / ratio flags).
+        (
+            "file too large",
+            rf"error: image file '.*big\.png' is {len(BIG_PNG)} bytes > {SMALL_LIMIT} bytes \(the limits",
+        ),
+        ("too many pixels", r"error: image file '.*photo\.png' is 20x16 = 320 pixels > 100 \(the limits: --max"),
+        ("bad ratio flag", r"error: --max-aspect-ratio is long side / short side, at least 1; got 0\.5$"),
+        ("bad bytes flag", r"error: --max-image-bytes must be positive, got 0$"),
     ],
 )
 def test_expected_failures_print_one_error_line(
@@ -99,6 +107,15 @@ def test_expected_failures_print_one_error_line(
         image, extra = f"{image_server}/big.png", ["--max-image-bytes", SMALL_LIMIT]
     elif case == "bad temperature":
         extra = ["--temperature", -1]
+    elif case == "file too large":
+        image, extra = tmp_path / "big.png", ["--max-image-bytes", SMALL_LIMIT]
+        image.write_bytes(BIG_PNG)
+    elif case == "too many pixels":
+        extra = ["--max-image-pixels", 100]
+    elif case == "bad ratio flag":
+        extra = ["--max-aspect-ratio", 0.5]
+    elif case == "bad bytes flag":
+        extra = ["--max-image-bytes", 0]
     code, out, err = _run(capsys, "--model-path", model, "--image-file", image, "--query", "Hi?", *extra)
     assert (code, out) == (1, "")
     assert len(err.strip().splitlines()) == 1, err
@@ -133,3 +150,48 @@ def _with_context(init, length):
         self.context_length = length
 
     return patched
+
+
+def test_non_utf8_stdin_stops_at_the_bad_line_keeping_the_answers_before_it(
+    serve_checkpoint, image_file, capsys, monkeypatch
+):
+    """Fails before issue 12: a UnicodeDecodeError traceback (and no answer for the good line was printed)."""
+    script = QUESTIONS[0].encode() + b"\n" + "caf\u00e9?".encode("latin-1") + b"\n" + QUESTIONS[1].encode() + b"\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(script), encoding="utf-8"))
+    code, out, err = _run(capsys, "--model-path", serve_checkpoint, "--image-file", image_file, "--max-new-tokens", 8)
+    assert code == 1 and out == _expected(serve_checkpoint, image_file, QUESTIONS[:1])[0] + "\n"
+    assert err.strip().splitlines()[-1] == (
+        "error: stdin line 2 is not utf-8 text (byte 0xe9 at position 4): convert the input (e.g. iconv -f latin1 "
+        "-t utf-8) or set PYTHONIOENCODING to its encoding"
+    )
+    assert "Traceback" not in err
+
+
+def test_an_undecodable_line_at_the_terminal_prompt_is_refused_and_the_chat_goes_on(capsys, monkeypatch):
+    """Fails before issue 12: the UnicodeDecodeError from input() ended the chat with a traceback."""
+    from llava_stf.serve.cli import _prompts
+
+    typed = iter([UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "Hi?", "\udcff?", EOFError()])
+
+    def fake_input(prompt):
+        item = next(typed)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert list(_prompts()) == ["Hi?"]
+    err = capsys.readouterr().err
+    assert err.count("error: that line is not valid") == 2 and "Traceback" not in err
+
+
+def test_debug_and_the_environment_show_the_traceback(serve_checkpoint, tmp_path, capsys, monkeypatch):
+    """Fails before issue 12: --debug only added JSON records; a missing image was one line even with it."""
+    from llava_stf.serve.images import ImageSourceError
+
+    argv = ["--model-path", str(serve_checkpoint), "--image-file", str(tmp_path / "missing.png"), "--query", "Hi?"]
+    with pytest.raises(ImageSourceError, match="image file not found"):
+        main([*argv, "--debug"])
+    monkeypatch.setenv("LLAVA_STF_DEBUG", "1")
+    with pytest.raises(ImageSourceError):
+        main(argv)

@@ -1,4 +1,4 @@
-"""The chat's image source: local files and http(s) URLs, with a time limit, a size limit and one-line errors."""
+"""The chat's image: local files and http(s) URLs, a time limit, the one image policy and one-line errors."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ import pytest
 from PIL import Image
 from serve_helpers import BIG_PNG, OK_PNG, SMALL_LIMIT, closed_port, png_bytes
 
-from llava_stf.data.images import ImageLimits
+from llava_stf.data.images import IMAGE_TOO_LARGE, ImageLimits
 from llava_stf.serve.images import ImageSourceError, decode_image, download, is_url, open_image_source
+
+
+def small() -> ImageLimits:
+    return ImageLimits(max_bytes=SMALL_LIMIT)
 
 
 def test_local_file_and_url_give_the_same_rgb_pixels(image_file, image_server) -> None:
     local = open_image_source(str(image_file))
-    remote = open_image_source(f"{image_server}/ok.png", timeout=5, max_bytes=SMALL_LIMIT)
+    remote = open_image_source(f"{image_server}/ok.png", timeout=5, limits=small())
     assert local.mode == remote.mode == "RGB" and local.size == (20, 16)
     assert np.array_equal(np.asarray(local), np.asarray(remote))
 
@@ -54,8 +58,38 @@ def test_http_errors_refused_connections_and_non_images(image_server) -> None:
     assert is_url("HTTPS://example.org/a.png") and not is_url("photos/http.png")
 
 
+def test_the_byte_limit_of_the_policy_applies_to_files_and_urls_alike(tmp_path, image_server) -> None:
+    """Fails before issue 12: a local file had no byte limit, and a URL's limit was a separate setting."""
+    big = tmp_path / "big.png"
+    big.write_bytes(BIG_PNG)
+    with pytest.raises(
+        ImageSourceError, match=rf"image file '.*big\.png' is {len(BIG_PNG)} bytes > {SMALL_LIMIT}"
+    ) as file:
+        open_image_source(str(big), limits=small())
+    with pytest.raises(ImageSourceError, match=f"over the limit of {SMALL_LIMIT} bytes") as url:
+        open_image_source(f"{image_server}/big.png", timeout=5, limits=small())
+    assert file.value.reason == url.value.reason == IMAGE_TOO_LARGE
+    assert open_image_source(str(big), limits=ImageLimits(max_bytes=len(BIG_PNG))).size == (64, 64)  # exact limit
+
+
+def test_one_set_of_defaults() -> None:
+    """Fails before issue 12: downloads had their own 20 MiB default (serve.images.DEFAULT_MAX_BYTES)."""
+    import inspect
+
+    from llava_stf.serve.cli import build_parser
+
+    args = build_parser().parse_args(["--model-path", "x"])
+    limits = ImageLimits()
+    assert (args.max_image_bytes, args.max_image_pixels, args.max_aspect_ratio) == (
+        limits.max_bytes,
+        limits.max_pixels,
+        limits.max_aspect_ratio,
+    )
+    assert inspect.signature(download).parameters["max_bytes"].default == limits.max_bytes
+
+
 def test_decoded_downloads_get_the_training_loader_checks() -> None:
-    with pytest.raises(ImageSourceError, match="100x1 image"):
+    with pytest.raises(ImageSourceError, match="strip.png is 100x1, aspect ratio > 50"):
         decode_image(png_bytes(0, (100, 1)), "strip.png", ImageLimits(max_aspect_ratio=50))
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red: becomes white, as in training
     buffer = io.BytesIO()

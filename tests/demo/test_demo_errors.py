@@ -1,0 +1,44 @@
+"""``python -m llava_stf.demo`` on bad input: one ``error:`` line and exit status 1, before any work is done.
+
+Added for issue 12; each fails before it (an ``--out`` file gave a traceback; an unknown ``--projector`` was found only
+at stage 1, after the data, the vision tower and the LLM were built).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from llava_stf.demo.__main__ import main
+from llava_stf.errors import UserError
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err.strip()
+
+
+def test_an_out_path_that_is_a_file_is_one_line(tmp_path, capsys):
+    file = tmp_path / "results.txt"
+    file.write_text("not a folder")
+    assert _run(capsys, "--out", file, "--fast") == (
+        1,
+        f"error: --out {file}: {file} is a file, not a folder (--out names the artifact folder)",
+    )
+    assert _run(capsys, "--out", file / "demo", "--fast") == (
+        1,
+        f"error: --out {file / 'demo'}: {file} is a file, not a folder (--out names the artifact folder)",
+    )
+    assert file.read_text() == "not a folder"
+
+
+def test_an_unknown_projector_is_one_line_before_any_work(tmp_path, capsys):
+    code, err = _run(capsys, "--out", tmp_path / "demo", "--fast", "--projector", "mlp3x")
+    assert code == 1 and err.startswith("error: unknown --projector 'mlp3x'; valid projectors: avgpool, mbtf, ")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(UserError, match="unknown --projector"):
+        main(["--out", str(tmp_path / "demo"), "--projector", "mlp3x", "--debug"])
