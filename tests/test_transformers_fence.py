@@ -39,7 +39,6 @@ ALLOWED: dict[str, str] = {
     "transformers.conversion_mapping.register_checkpoint_conversion_mapping": "documented (v5 key renaming)",
     "transformers.generation.streamers.BaseStreamer": "documented (streamer base class)",
     "transformers.trainer_utils.PREFIX_CHECKPOINT_DIR": "documented (checkpoint folder prefix)",
-    "transformers.trainer_utils.get_last_checkpoint": "documented (resume helper)",
     "transformers.utils.logging": "documented (logging verbosity)",
     "transformers.trainer.TRAINING_ARGS_NAME": "source (file name the Trainer writes and resume reads)",
     "transformers.modeling_utils.set_zero3_state": "source (keeps zero.Init off the builder's meta shell)",

@@ -1,9 +1,12 @@
 """Check a LLaVA training set before a long run: ``python -m llava_stf.data.validate --data_path F --image_folder D``.
 
-Runs the checks training runs, with the same code (``parse_record``, ``load_image`` and, given a tokenizer,
-``tokenize_conversation``), over every record, and prints the problems by kind with a few examples, plus what
-training would silently fix (image modes converted to RGB) or shorten (truncated conversations). Exit status: 0 when
-every record is usable, 1 otherwise.
+Runs the checks training runs, with the same code (``load_records``, ``parse_record``, ``check_image_folder``,
+``load_image`` and, given a tokenizer, ``tokenize_conversation``), over every record, and prints the problems by kind
+with a few examples, what training would fix (image modes converted to RGB) or shorten (truncated conversations),
+and whether training would stop on them (``too_many_bad`` at ``--max_bad_sample_fraction``). A malformed JSON-lines
+line is a counted ``malformed_record`` here as in training; a file with no record, a ``.json`` file that does not
+parse and an image folder that holds none of the images are errors in both (one ``error: ...`` line; ``--debug`` for
+the traceback). Exit status: 0 when every record is usable, 1 otherwise.
 
     python -m llava_stf.data.validate --data_path playground/data/llava_v1_5_mix665k.json \\
         --image_folder playground/data --template vicuna_v1 --processor checkpoints/stage1 --model_max_length 2048
@@ -19,9 +22,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llava_stf.errors import add_debug_flag, run_main
+
 from .conversation import TEMPLATES, get_template
-from .dataset import Sample, load_records, parse_records
-from .images import MISSING_IMAGE, ImageLimits, load_image
+from .dataset import (
+    MAX_BAD_SAMPLE_FRACTION,
+    RECORD_REASONS,
+    Sample,
+    bad_share,
+    check_image_folder,
+    load_records,
+    parse_records,
+    too_many_bad,
+)
+from .images import ImageLimits, load_image
 from .tokenization import SkippedSample, tokenize_conversation
 
 MAX_EXAMPLES = 3
@@ -36,10 +50,23 @@ class ValidationReport:
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first messages
     converted: Counter = field(default_factory=Counter)  # source PIL mode -> images converted to RGB (kept)
     truncated: int = 0  # conversations cut to model_max_length (kept)
+    max_bad_sample_fraction: float = MAX_BAD_SAMPLE_FRACTION  # training's limit, for ``training_stops``
 
     @property
     def num_bad(self) -> int:
         return sum(self.problems.values())
+
+    @property
+    def num_dropped(self) -> int:
+        """Records training drops when it reads the file (the rest of ``num_bad`` it skips when drawn)."""
+        return sum(self.problems[reason] for reason in RECORD_REASONS)
+
+    @property
+    def training_stops(self) -> bool:
+        """Whether training stops on this data: ``too_many_bad`` after one pass over every record."""
+        dropped = self.num_dropped
+        limit = self.max_bad_sample_fraction
+        return too_many_bad(limit, self.num_records, dropped, self.num_records - dropped, self.num_bad - dropped)
 
     def add(self, reason: str, message: str) -> None:
         self.problems[reason] += 1
@@ -57,6 +84,15 @@ class ValidationReport:
             lines.append(f"converted to RGB (kept): {modes}")
         if self.truncated:
             lines.append(f"truncated to model_max_length (kept): {self.truncated}")
+        if self.num_bad:
+            dropped = self.num_dropped
+            share = bad_share(self.num_records, dropped, self.num_records - dropped, self.num_bad - dropped)
+            verdict = "stops" if self.training_stops else "skips them and runs"
+            lines.append(
+                f"training with max_bad_sample_fraction={self.max_bad_sample_fraction:g}: {verdict} "
+                f"({self.num_bad} of {self.num_records} records bad, {share:.1%}; {dropped} dropped when the file is "
+                f"read, {self.num_bad - dropped} skipped when drawn)"
+            )
         return "\n".join(lines)
 
 
@@ -68,6 +104,7 @@ def validate_dataset(
     max_length: int | None = None,
     limits: ImageLimits | None = None,
     num_workers: int = 8,
+    max_bad_sample_fraction: float = MAX_BAD_SAMPLE_FRACTION,
 ) -> ValidationReport:
     """Check every record of ``data_path``; see the module docstring.
 
@@ -80,13 +117,19 @@ def validate_dataset(
         max_length: ``model_max_length`` for the truncation check (needs ``processor``).
         limits: image size limits (default ``ImageLimits()``).
         num_workers: threads decoding images.
+        max_bad_sample_fraction: training's limit, for the report's verdict (``too_many_bad``).
+
+    Raises:
+        FileNotFoundError, UserError, ValueError: what training refuses before it starts (``load_records``,
+            ``check_image_folder``).
     """
     records = load_records(data_path)
     template = get_template(template_name) if template_name else None
-    report = ValidationReport(num_records=len(records))
+    report = ValidationReport(num_records=len(records), max_bad_sample_fraction=max_bad_sample_fraction)
     samples, counts, examples = parse_records(records, template)
     report.problems.update(counts)
     report.examples.update(examples)
+    check_image_folder(samples, image_folder)
 
     def check(sample: Sample) -> tuple[Sample, SkippedSample | None, str | None, bool]:
         try:
@@ -98,8 +141,6 @@ def validate_dataset(
                 truncated = out.truncated
             converted = None
             if sample.image is not None:
-                if image_folder is None:
-                    raise SkippedSample(MISSING_IMAGE, "the record has an image but no --image_folder was given")
                 _, converted = load_image(Path(image_folder) / sample.image, limits or ImageLimits())
             return sample, None, converted, truncated
         except SkippedSample as err:
@@ -126,8 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model_max_length", type=int, default=None, help="truncation limit (with --processor)")
     parser.add_argument("--max_image_pixels", type=int, default=ImageLimits.max_pixels)
     parser.add_argument("--max_aspect_ratio", type=float, default=ImageLimits.max_aspect_ratio)
+    parser.add_argument("--max_image_bytes", type=int, default=ImageLimits.max_bytes)
+    parser.add_argument("--max_bad_sample_fraction", type=float, default=MAX_BAD_SAMPLE_FRACTION,
+                        help="training's limit: say whether training would stop on this data")  # fmt: skip
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    return run_main(lambda: _validate(args), debug=args.debug)
+
+
+def _validate(args: argparse.Namespace) -> int:
     processor = None
     if args.processor:
         from llava_stf.model import LlavaStfProcessor
@@ -139,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         args.template,
         processor,
         args.model_max_length,
-        ImageLimits(args.max_image_pixels, args.max_aspect_ratio),
+        ImageLimits(args.max_image_pixels, args.max_aspect_ratio, args.max_image_bytes),
         args.num_workers,
+        args.max_bad_sample_fraction,
     )
     print(report.summary())
     return 1 if report.num_bad else 0

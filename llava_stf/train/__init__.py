@@ -1,9 +1,10 @@
 """Two-stage LLaVA training: stage table, typed run config, ``Trainer`` subclass, stage hand-offs and the recipe.
 
 ``stages`` (what trains and what is saved per stage), ``arguments`` (YAML -> dataclasses -> CLI), ``trainer``
-(``LlavaStfTrainer``: projector learning rate, LLaVA's sampler, bad-sample accounting), ``checkpoint`` (projector
-file, LoRA merge), ``run`` (``python -m llava_stf.train.run``) and ``synthetic`` (tiny towers and generated data for
-tests and benchmarks).
+(``LlavaStfTrainer``: projector learning rate, LLaVA's sampler, bad-sample accounting), ``checkpoint`` (complete
+checkpoints, projector file, LoRA merge), ``output_dir`` (new / resumed / overwriting runs, the crash-safe final
+save), ``run`` (``python -m llava_stf.train.run``) and ``fixtures`` (tiny towers and generated data for tests and
+benchmarks).
 """
 
 from .arguments import DataArguments, ModelArguments, RunConfig, StageArguments, parse_config

@@ -25,6 +25,9 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from llava_stf import configs
+from llava_stf.data.dataset import MAX_BAD_SAMPLE_FRACTION
+from llava_stf.data.images import ImageLimits
+from llava_stf.errors import UserError
 from llava_stf.model import presets
 
 from .stages import STAGES
@@ -62,9 +65,14 @@ class DataArguments:
     model_max_length: int = field(default=2048, metadata={"help": "tokens per sample, image tokens included"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "LLaVA's modality-grouped order"})
     on_bad_sample: str = field(default="skip", metadata={"help": "skip (count + log) | error"})
-    max_bad_sample_fraction: float = field(default=0.05, metadata={"help": "stop when more samples are bad"})
-    max_image_pixels: int = field(default=64_000_000, metadata={"help": "larger images are skipped"})
-    max_aspect_ratio: float = field(default=50.0, metadata={"help": "more elongated images are skipped"})
+    max_bad_sample_fraction: float = field(
+        default=MAX_BAD_SAMPLE_FRACTION, metadata={"help": "stop above this share of bad data (dropped + skipped)"}
+    )
+    max_image_pixels: int = field(default=ImageLimits.max_pixels, metadata={"help": "larger images are skipped"})
+    max_aspect_ratio: float = field(
+        default=ImageLimits.max_aspect_ratio, metadata={"help": "more elongated images are skipped"}
+    )
+    max_image_bytes: int = field(default=ImageLimits.max_bytes, metadata={"help": "larger image files are skipped"})
 
 
 @dataclass
@@ -104,7 +112,10 @@ GROUPS = (ModelArguments, DataArguments, StageArguments, TrainingArguments)
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A flat YAML mapping (``{}`` for an empty file)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a training config is a flat mapping of field names, got {type(data).__name__}")
     return data
@@ -143,10 +154,13 @@ def resolve_deepspeed(value: Any) -> Any:
 
 def _finish(model: ModelArguments, data: DataArguments, stage: StageArguments) -> None:
     apply_preset(model)
-    if isinstance(model.projector_kwargs, str):
-        model.projector_kwargs = json.loads(model.projector_kwargs)
-    if isinstance(model.reducer_kwargs, str):
-        model.reducer_kwargs = json.loads(model.reducer_kwargs)
+    for name in ("projector_kwargs", "reducer_kwargs"):
+        value = getattr(model, name)
+        if isinstance(value, str):
+            try:
+                setattr(model, name, json.loads(value))
+            except ValueError as err:
+                raise UserError(f"{name} must be a JSON object, got {value!r} ({err})") from None
     if isinstance(model.vision_feature_layer, list) and len(model.vision_feature_layer) == 1:
         model.vision_feature_layer = model.vision_feature_layer[0]
     model.projector_type = model.projector_type or "mbtf_stf"
@@ -156,6 +170,8 @@ def _finish(model: ModelArguments, data: DataArguments, stage: StageArguments) -
         raise ValueError(f"missing required settings: {missing} (set them in a --config YAML or on the command line)")
     if stage.stage not in STAGES:
         raise ValueError(f"unknown stage {stage.stage!r}; valid stages: {sorted(STAGES)}")
+    if not 0.0 <= data.max_bad_sample_fraction <= 1.0:
+        raise ValueError(f"max_bad_sample_fraction must be in [0, 1], got {data.max_bad_sample_fraction}")
 
 
 def parse_config(argv: list[str] | None = None) -> RunConfig:

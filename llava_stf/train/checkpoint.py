@@ -1,4 +1,13 @@
-"""Hand-offs between stages: the stage-1 projector file, its strict loading, and merging a LoRA state dict.
+"""Hand-offs: complete Trainer checkpoints, the stage-1 projector file, its strict loading, merging a LoRA state dict.
+
+A ``checkpoint-N`` folder counts only once ``CompleteCheckpoints`` (a ``TrainerCallback``) has written
+``checkpoint_complete.json`` into it: in ``on_save``, which the Trainer calls after it has written every file of the
+checkpoint, and after a barrier, so every process's files (ZeRO shards) are in. A process killed while the Trainer
+writes leaves a folder without it, which ``--resume`` skips (``list_checkpoints``). The callback also keeps
+``save_total_limit``: it counts complete checkpoints only (and removes incomplete ones older than the newest complete
+one), and ``remove_checkpoint`` deletes the marker before the rest of the folder, so a kill during a removal never
+leaves a marked, half-deleted folder. The Trainer's own rotation, turned off by ``LlavaStfTrainer``, does neither: it
+may delete the only complete checkpoint before the new one is marked.
 
 The stage-1 output is ``projector.safetensors`` (keys of ``model.model.multi_modal_projector``, metadata
 ``projector_type``) next to the model's ``config.json`` and the processor. Stage 2 loads it with
@@ -12,14 +21,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava_stf.model.conversion import ConversionError, convert_projector_state_dict
 
@@ -31,6 +45,68 @@ PROJECTOR_FILE = "projector.safetensors"
 LLAVA_PROJECTOR_FILE = "mm_projector.bin"
 # config.json fields that must agree between the stage-1 run and the model that loads its projector
 MATCHED_FIELDS = ("projector_type", "projector_kwargs", "vision_feature_layer", "vision_feature_select_strategy")
+COMPLETE_MARKER = "checkpoint_complete.json"  # written last into a checkpoint-N folder
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One ``checkpoint-N`` folder of a run."""
+
+    step: int
+    path: Path
+    complete: bool  # holds COMPLETE_MARKER: every file was written before the run went on
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Checkpoint]:
+    """The ``checkpoint-N`` folders of ``output_dir``, oldest first (``[]`` when it does not exist)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _CHECKPOINT_NAME.match(path.name)
+        if match and path.is_dir():
+            found.append(Checkpoint(int(match.group(1)), path, (path / COMPLETE_MARKER).is_file()))
+    return sorted(found, key=lambda c: c.step)
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint (or any) folder, its marker first: a kill half-way never leaves a marked, partial one."""
+    path = Path(path)
+    (path / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path)
+
+
+class CompleteCheckpoints(TrainerCallback):
+    """Marks each checkpoint complete once the Trainer has written it, then keeps the newest ``keep`` complete ones.
+
+    Args:
+        keep: ``save_total_limit`` (``None``: keep all). Incomplete checkpoints older than the newest complete one
+            are removed too; the best checkpoint (``load_best_model_at_end``) is kept.
+    """
+
+    def __init__(self, keep: int | None = None):
+        self.keep = keep
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's part of the checkpoint (ZeRO shards) is written
+        if not args.should_save:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        (folder / COMPLETE_MARKER).write_text(json.dumps({"global_step": state.global_step}) + "\n")
+        if self.keep is None:
+            return
+        checkpoints = list_checkpoints(args.output_dir)
+        complete = [c for c in checkpoints if c.complete]
+        kept = {c.path for c in complete[-max(self.keep, 1) :]} | {folder}
+        if state.best_model_checkpoint:
+            kept.add(Path(state.best_model_checkpoint))
+        for old in checkpoints:
+            if old.path not in kept and old.step < state.global_step:
+                logger.info("save_total_limit=%d: removing %s", self.keep, old.path)
+                remove_checkpoint(old.path)
 
 
 @contextmanager
@@ -155,11 +231,16 @@ def merge_lora_state_dict(state: Mapping[str, torch.Tensor], scaling: float) -> 
 
 
 __all__ = [
+    "COMPLETE_MARKER",
     "LLAVA_PROJECTOR_FILE",
     "PROJECTOR_FILE",
+    "Checkpoint",
+    "CompleteCheckpoints",
     "gathered",
+    "list_checkpoints",
     "load_projector",
     "merge_lora_state_dict",
     "read_projector_file",
+    "remove_checkpoint",
     "save_projector",
 ]

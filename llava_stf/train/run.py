@@ -1,13 +1,19 @@
 """One training stage: ``python -m llava_stf.train.run --config configs/train/finetune.yaml [--flag value ...]``.
 
-The recipe reads top to bottom: parse the config (YAML -> dataclasses -> CLI overrides), check the output folder,
-build the model from the two tower checkpoints (plus the stage-1 projector), apply the stage (freezing, LoRA),
-build the data, train, and save what the stage saves. Launch it with ``deepspeed``, ``torchrun`` or
-``accelerate launch`` for several processes (``scripts/*.sh`` do); plain ``python`` runs one process.
+The recipe reads top to bottom: parse the config (YAML -> dataclasses -> CLI overrides), check the output folder
+(reading only), read and check the data (every record, the image folder, the share of bad records), build the model
+from the two tower checkpoints (plus the stage-1 projector), so that a data mistake costs seconds rather than a 7B
+load, apply the stage (freezing, LoRA), prepare the output folder, train, and save what the stage saves. The output
+folder rules (refusal, ``--overwrite_output_dir``, ``--resume`` from the newest complete checkpoint, the crash-safe
+final save) are in ``llava_stf.train.output_dir``; nothing there is removed before the new run's config and data are
+checked and its model is built. Launch it with ``deepspeed``, ``torchrun`` or ``accelerate launch`` for several
+processes (``scripts/*.sh`` do); plain ``python`` runs one process.
 
-Output folder rules: a new run refuses a folder that already holds a run (``checkpoint-*`` or ``run_config.yaml``)
-unless ``--overwrite_output_dir``; ``--resume`` continues from the newest ``checkpoint-*`` and refuses a folder
-without one, or one whose saved ``run_config.yaml`` differs in anything but logging and resume settings.
+Errors: ordinary bad input (a malformed or empty data file, a missing image folder, too much bad data, a bad setting)
+ends the run with one ``error: ...`` line and exit status 1 (``llava_stf.errors.run_main``); ``LLAVA_STF_DEBUG=1``
+shows the traceback instead (``--debug`` is ``TrainingArguments``'s own flag). Under a launcher, a process that fails
+exits at once, without the barrier and teardown that would wait for the other processes; the launcher then stops
+them.
 """
 
 from __future__ import annotations
@@ -15,80 +21,36 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
+import traceback
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 from transformers import TrainerCallback, set_seed
 from transformers.modeling_utils import set_zero3_state
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from llava_stf.data.collator import DataCollator
-from llava_stf.data.conversation import get_template
-from llava_stf.data.dataset import LazySupervisedDataset, load_records
+from llava_stf.data.conversation import Template, get_template
+from llava_stf.data.dataset import (
+    BadSampleError,
+    CheckedRecords,
+    LazySupervisedDataset,
+    check_records,
+    load_records,
+    too_many_bad,
+)
 from llava_stf.data.images import ImageLimits
+from llava_stf.errors import UserError, run_main
 from llava_stf.model import LlavaStfForConditionalGeneration, LlavaStfProcessor
 from llava_stf.model.builder import build_model
 
 from .arguments import RunConfig, parse_config
 from .checkpoint import PROJECTOR_FILE, load_projector, merge_lora_state_dict, save_projector
+from .output_dir import RUN_CONFIG, STAGING, check_output_dir, config_differences, prepare_output_dir, publish
 from .stages import PROJECTOR_ATTR, Stage, apply_stage, get_stage, wrap_lora
 from .trainer import LlavaStfTrainer
 
 logger = logging.getLogger("llava_stf.train")
-
-RUN_CONFIG = "run_config.yaml"
-# Settings that may change between a run and its resumption (everything else must be identical).
-RESUMABLE = {
-    "stage": {"resume", "overwrite_output_dir"},
-    "training": {"resume_from_checkpoint", "report_to", "logging_steps", "logging_strategy", "disable_tqdm",
-                 "run_name", "dataloader_num_workers", "save_total_limit", "local_rank", "log_level"},
-}  # fmt: skip
-
-
-def check_output_dir(config: RunConfig) -> str | None:
-    """Apply the output-folder rules; return the checkpoint to resume from (or ``None``)."""
-    out = Path(config.training.output_dir)
-    explicit = config.training.resume_from_checkpoint
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if config.stage.resume or explicit:
-        checkpoint = explicit or last
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume: no checkpoint-* folder in {str(out)!r} to resume from")
-        saved = out / RUN_CONFIG
-        if saved.is_file():
-            diff = config_differences(yaml.safe_load(saved.read_text()), config.to_dict())
-            if diff:
-                raise ValueError(f"--resume with settings that differ from the saved {RUN_CONFIG}: {diff}")
-        logger.info("resuming from %s", checkpoint)
-        return checkpoint
-    if last is not None or (out / RUN_CONFIG).is_file():
-        if not config.stage.overwrite_output_dir:
-            raise FileExistsError(
-                f"{str(out)!r} already holds a run ({last or RUN_CONFIG}); pass --resume to continue it, "
-                "--overwrite_output_dir to start over, or choose another output_dir"
-            )
-        if config.training.should_save:  # stale checkpoints would otherwise be what a later --resume picks
-            for old in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-                logger.warning("--overwrite_output_dir: removing %s", old)
-                shutil.rmtree(old)
-    return None
-
-
-def config_differences(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``{group.key: (saved, current)}`` for settings that must not change on resume."""
-    diff = {}
-    for group, values in current.items():
-        for key, value in values.items():
-            if key in RESUMABLE.get(group, set()):
-                continue
-            before = saved.get(group, {}).get(key)
-            if json.dumps(before, sort_keys=True, default=str) != json.dumps(value, sort_keys=True, default=str):
-                diff[f"{group}.{key}"] = (before, value)
-    return diff
 
 
 def load_dtype(config: RunConfig) -> torch.dtype:
@@ -136,19 +98,25 @@ def check_deepspeed_optimizer(config: RunConfig) -> None:
 
 
 def save_outputs(trainer: LlavaStfTrainer, stage: Stage, processor: LlavaStfProcessor, config: RunConfig) -> None:
-    """Write what ``stage`` saves into ``output_dir`` (every rank calls this; one writes)."""
+    """Write what ``stage`` saves into ``output_dir`` (every rank calls this; one writes).
+
+    Everything is written into ``output_dir/.saving`` first and then moved into place, ``config.json`` last.
+    """
     out = Path(config.training.output_dir)
+    staging = out / STAGING
     main = trainer.args.should_save
+    if main:
+        staging.mkdir(parents=True, exist_ok=True)
     base = trainer.model.get_base_model() if stage.lora else trainer.model
     base.config.use_cache = True  # the Trainer turned it off for training; generation wants it back
     if stage.saves == "projector":
-        save_projector(getattr(base.model, PROJECTOR_ATTR), out / PROJECTOR_FILE, base.config.projector_type, main)
+        save_projector(getattr(base.model, PROJECTOR_ATTR), staging / PROJECTOR_FILE, base.config.projector_type, main)
         if main:
-            base.config.save_pretrained(out)
+            base.config.save_pretrained(staging)
     elif stage.saves == "model":
-        trainer.save_model(str(out))
+        trainer.save_model(str(staging))
     else:
-        trainer.save_model(str(out / "adapter"))
+        trainer.save_model(str(staging / "adapter"))
         state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers under ZeRO-3
         if main:
             merged = merge_lora_state_dict(state, config.stage.lora_alpha / config.stage.lora_r)
@@ -156,39 +124,71 @@ def save_outputs(trainer: LlavaStfTrainer, stage: Stage, processor: LlavaStfProc
                 plain = LlavaStfForConditionalGeneration(base.config)
             plain.load_state_dict(merged, strict=True, assign=True)
             plain.generation_config = base.generation_config
-            plain.save_pretrained(out)
+            plain.save_pretrained(staging)
+    _barrier()  # every rank's files (DeepSpeed shards) are in the staging folder
     if main:
-        processor.save_pretrained(out)
+        processor.save_pretrained(staging)
+        publish(staging, out)
         logger.info("stage %s saved to %s", stage.name, out)
+
+
+def read_data(config: RunConfig, template: Template) -> CheckedRecords:
+    """Read and check the data file before any model is loaded (``check_records``, then the load-time bad share).
+
+    Raises:
+        BadSampleError: more records dropped than ``max_bad_sample_fraction`` takes (``too_many_bad``).
+        UserError, FileNotFoundError, ValueError: a data file or image folder that cannot be used.
+    """
+    d = config.data
+    checked = check_records(load_records(d.data_path), template, d.image_folder, d.on_bad_sample)
+    dropped = sum(checked.dropped.values())
+    if too_many_bad(d.max_bad_sample_fraction, checked.num_records, dropped):
+        example = next(iter(checked.examples.values()))[0]
+        raise BadSampleError(
+            f"{dropped} of {checked.num_records} records of {d.data_path!r} are unusable ({dict(checked.dropped)}; "
+            f"e.g. {example}) > max_bad_sample_fraction={d.max_bad_sample_fraction}; fix the data "
+            "(python -m llava_stf.data.validate) or raise the limit"
+        )
+    logger.info("data: %d usable records of %d in %s", len(checked.samples), checked.num_records, d.data_path)
+    return checked
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        torch.distributed.barrier()
 
 
 def run(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> LlavaStfTrainer:
     """Train one stage as configured (with extra ``TrainerCallback``s); return the trainer, after saving."""
     stage = get_stage(config.stage.stage)
-    args = config.training
+    args, d = config.training, config.data
     args.remove_unused_columns = False  # the collator's keys are not all forward() arguments
     check_deepspeed_optimizer(config)
-    checkpoint = check_output_dir(config)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every rank has checked the folder before one writes into it
-    if args.should_save:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.output_dir) / RUN_CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    plan = check_output_dir(config)
+    template = get_template(d.template or stage.template)
+    records = read_data(config, template)  # before the towers load: a data mistake costs seconds
     set_seed(args.seed)  # the fresh projector must be the same on every rank
     model, processor = build(config, stage)
     apply_stage(model, stage)
     if stage.lora:
         model = wrap_lora(model, stage, config.stage.lora_r, config.stage.lora_alpha, config.stage.lora_dropout)
-    d = config.data
     dataset = LazySupervisedDataset(
-        load_records(d.data_path),
+        records,
         processor,
-        get_template(processor.conversation_template),
+        template,
         image_folder=d.image_folder,
         max_length=d.model_max_length,
         on_bad_sample=d.on_bad_sample,
-        image_limits=ImageLimits(d.max_image_pixels, d.max_aspect_ratio),
+        image_limits=ImageLimits(d.max_image_pixels, d.max_aspect_ratio, d.max_image_bytes),
     )
+    _barrier()  # every rank has checked the folder before one changes it
+    if args.should_save:
+        prepare_output_dir(plan, config)
+    _barrier()
     trainer = LlavaStfTrainer(
         model=model,
         args=args,
@@ -200,11 +200,23 @@ def run(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> Ll
         max_bad_sample_fraction=d.max_bad_sample_fraction,
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=checkpoint)
-    if trainer.data_counts["skipped"] or trainer.data_counts["truncated"]:
+    trainer.train(resume_from_checkpoint=plan.resume_from)
+    if any(trainer.data_counts[k] for k in ("dropped", "skipped", "truncated")):
         logger.warning("data: %s", dict(trainer.data_counts))
     save_outputs(trainer, stage, processor, config)
     return trainer
+
+
+def _train(argv: list[str] | None) -> None:
+    try:
+        run(parse_config(argv))
+    except UserError as error:
+        # A DataLoader worker's error comes back with the worker's traceback as its text: keep its last line.
+        text = str(error)
+        if "\nOriginal Traceback" in text:
+            last = text.strip().splitlines()[-1]
+            raise type(error)(last.split(": ", 1)[-1]) from error
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,22 +224,40 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
     )
-    run(parse_config(argv))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Every output is written and every rank is here. Leave without the interpreter's teardown: on CPU (gloo +
-        # DeepSpeed's comm ops) a rank sometimes aborts while destroying native threads at exit ("terminate called
-        # without an active exception"), which turns a finished run into a failed launch.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    try:
+        status = run_main(lambda: _train(argv))
+    except Exception:
+        if not _distributed():
+            raise
+        traceback.print_exc()  # a bug: its traceback, then out without waiting for the other processes
+        status = 1
+    if _distributed():
+        if status == 0:
+            # Every output is written and every rank is here. Leave without the interpreter's teardown: on CPU
+            # (gloo + DeepSpeed's comm ops) a rank sometimes aborts while destroying native threads at exit
+            # ("terminate called without an active exception"), which turns a finished run into a failed launch.
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        # After an error the other ranks may be waiting in a collective: no barrier, no teardown; the launcher
+        # stops them when this process exits.
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
-    return 0
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 
-__all__ = ["RUN_CONFIG", "build", "check_output_dir", "config_differences", "main", "run", "save_outputs"]
+__all__ = [
+    "RUN_CONFIG",  # re-exported from output_dir, like check_output_dir and config_differences
+    "build",
+    "check_output_dir",
+    "config_differences",
+    "main",
+    "read_data",
+    "run",
+    "save_outputs",
+]

@@ -9,61 +9,87 @@ Only documented extension points are overridden:
 - ``_get_train_sampler``: a seeded shuffle, or LLaVA's ``group_by_modality_length`` order, both replayed exactly on
   resume (``set_epoch``);
 - ``compute_loss``: takes the collator's ``data_events`` out of the batch before the forward pass, counts skipped
-  and truncated samples, and stops the run when more than ``max_bad_sample_fraction`` of the samples are bad; with
-  an adaptive token reducer (PruMerge) it encodes the images first and fits each image's placeholders to its own
-  token count (``llava_stf.data.placeholders``), then passes the features as ``mm_encoder_outputs``;
+  and truncated samples, and stops the run (``BadSampleError``) on too much bad data; with an adaptive token reducer
+  (PruMerge) it encodes the images first and fits each image's placeholders to its own token count
+  (``llava_stf.data.placeholders``), then passes the features as ``mm_encoder_outputs``. The bad-data rule is
+  ``llava_stf.data.dataset.too_many_bad``, judged from the first draw: the records the dataset dropped when it read
+  the file count as well as the draws skipped since; the share of bad data must stay within
+  ``max_bad_sample_fraction``, with a tolerance of three binomial standard deviations per count (1 bad record in 10
+  is fine, a half-malformed file is not). Counts are per process; a process that stops ends the launch;
 - ``log``: adds the running counts to every log line;
 - ``save_model``: periodic checkpoints of a plain (non-DeepSpeed, non-PEFT) run keep the model's own key names.
   ``save_pretrained`` writes the llava-hf key layout by default, but the Trainer's resume reloads a checkpoint with a
   plain ``load_state_dict``, which matches none of those keys and only warns: training would silently continue from
   the freshly built weights (transformers 5.23). Final saves keep the default layout.
+
+Checkpoints are marked complete, and ``save_total_limit`` is kept, by the ``CompleteCheckpoints`` callback
+(``llava_stf.train.checkpoint``); the Trainer's own rotation is turned off on the trainer's copy of the arguments.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections import Counter
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from llava_stf.data.dataset import BadSampleError
+from llava_stf.data.dataset import MAX_BAD_SAMPLE_FRACTION, BadSampleError, bad_share, too_many_bad
 from llava_stf.data.placeholders import fit_image_placeholders
 from llava_stf.data.sampler import ModalityLengthGroupedSampler, ShuffleSampler
 
+from .checkpoint import CompleteCheckpoints
 from .stages import part_of
 
 logger = logging.getLogger(__name__)
-
-MIN_SAMPLES_FOR_FRACTION = 200  # judge the bad-sample fraction only once this many samples were drawn
 
 
 class LlavaStfTrainer(Trainer):
     """``Trainer`` for the stage table (see the module docstring).
 
     Args:
+        model: the model to train.
+        args: the training arguments; the trainer works on a copy (``save_total_limit`` moves to its callback).
         projector_lr: learning rate of the projector parameters (``None``: ``args.learning_rate``).
         group_by_modality_length: use LLaVA's modality- and length-grouped order.
-        max_bad_sample_fraction: stop when more than this fraction of drawn samples were bad.
-        *args, **kwargs: ``transformers.Trainer`` arguments.
+        max_bad_sample_fraction: the most bad data the run takes (``too_many_bad``).
+        callbacks: extra ``TrainerCallback``s (after ``CompleteCheckpoints``).
+        **kwargs: other ``transformers.Trainer`` arguments; a ``train_dataset`` with ``num_records`` and
+            ``dropped_records`` (``LazySupervisedDataset``) has its load-time drops counted.
     """
 
     def __init__(
         self,
-        *args,
+        model: torch.nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        *,
         projector_lr: float | None = None,
         group_by_modality_length: bool = False,
-        max_bad_sample_fraction: float = 0.05,
+        max_bad_sample_fraction: float = MAX_BAD_SAMPLE_FRACTION,
+        callbacks: list[TrainerCallback] | None = None,
         **kwargs,
     ):
-        super().__init__(*args, **kwargs)
+        self.checkpoints = CompleteCheckpoints(keep=args.save_total_limit if args is not None else None)
+        if args is not None:
+            args = copy.copy(args)  # the caller's arguments keep their save_total_limit
+            args.save_total_limit = None  # kept by self.checkpoints, which counts complete checkpoints only
+        super().__init__(model=model, args=args, callbacks=[self.checkpoints, *(callbacks or [])], **kwargs)
         self.projector_lr = projector_lr
         self.group_by_modality_length = group_by_modality_length
         self.max_bad_sample_fraction = max_bad_sample_fraction
-        self.data_counts: Counter = Counter()  # "samples", "truncated", "skipped", "skipped/<reason>" (this rank)
+        # "records" and "dropped[/<reason>]" (the data file, at load time); "samples" (drawn), "skipped[/<reason>]"
+        # and "truncated" (this process's draws)
+        self.data_counts: Counter = Counter()
+        dropped = Counter(getattr(self.train_dataset, "dropped_records", None) or {})
+        if getattr(self.train_dataset, "num_records", None):
+            self.data_counts["records"] = self.train_dataset.num_records
+        if dropped:
+            self.data_counts["dropped"] = sum(dropped.values())
+            self.data_counts.update({f"dropped/{reason}": n for reason, n in dropped.items()})
 
     # ------------------------------------------------------------------------------------------------ optimizer
     def optimizer_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -99,20 +125,24 @@ class LlavaStfTrainer(Trainer):
 
     # ----------------------------------------------------------------------------------------- data accounting
     def count_data_events(self, events: dict[str, Any] | None, batch_size: int) -> None:
-        """Add one batch's ``data_events``; raise ``BadSampleError`` past ``max_bad_sample_fraction``."""
+        """Add one batch's ``data_events``; raise ``BadSampleError`` on too much bad data (``too_many_bad``)."""
         if not events:
             return
         skipped = events.get("skipped", [])
-        self.data_counts["samples"] += batch_size + len(skipped)
-        self.data_counts["truncated"] += int(events.get("truncated", 0))
-        self.data_counts["skipped"] += len(skipped)
-        self.data_counts.update(f"skipped/{reason}" for reason in skipped)
-        drawn, bad = self.data_counts["samples"], self.data_counts["skipped"]
-        if drawn >= MIN_SAMPLES_FOR_FRACTION and bad > self.max_bad_sample_fraction * drawn:
-            reasons = {k: v for k, v in self.data_counts.items() if k.startswith("skipped/")}
+        counts = self.data_counts
+        counts["samples"] += batch_size + len(skipped)
+        counts["truncated"] += int(events.get("truncated", 0))
+        counts["skipped"] += len(skipped)
+        counts.update(f"skipped/{reason}" for reason in skipped)
+        limit = self.max_bad_sample_fraction
+        records, dropped, drawn, bad = counts["records"], counts["dropped"], counts["samples"], counts["skipped"]
+        if too_many_bad(limit, records, dropped, drawn, bad):
+            reasons = {k: v for k, v in counts.items() if k.startswith(("dropped/", "skipped/"))}
+            share = bad_share(records, dropped, drawn, bad)
+            at_load = f"{dropped} of {records} records dropped when the data was read, " if dropped else ""
             raise BadSampleError(
-                f"{bad} of {drawn} samples drawn were bad ({reasons}) > max_bad_sample_fraction="
-                f"{self.max_bad_sample_fraction}; fix the data (python -m llava_stf.data.validate) or raise the limit"
+                f"too much bad data: {at_load}{bad} of {drawn} samples drawn skipped ({reasons}): about {share:.1%} > "
+                f"max_bad_sample_fraction={limit}; fix the data (python -m llava_stf.data.validate) or raise the limit"
             )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -16,10 +16,13 @@ from llava_stf.data.dataset import (
     TEMPLATE_MISMATCH,
     BadSampleError,
     LazySupervisedDataset,
+    check_records,
     load_records,
+    too_many_bad,
 )
 from llava_stf.data.images import MISSING_IMAGE, UNREADABLE_IMAGE
 from llava_stf.data.tokenization import IGNORE_INDEX, NO_SUPERVISION, tokenize_conversation
+from llava_stf.errors import UserError
 from llava_stf.testing import make_image, tiny_config, tiny_model, tiny_processor
 
 VICUNA = get_template("vicuna_v1")
@@ -68,7 +71,7 @@ def dataset(processor, folder, records=GOOD + BAD_RECORDS, **kwargs):
 def test_bad_records_are_dropped_and_counted_by_reason(processor, folder):
     ds = dataset(processor, folder)
     assert [s.id for s in ds.samples] == [r["id"] for r in GOOD]
-    assert ds.skipped_records == {MALFORMED_RECORD: 4, IMAGE_TAG_MISMATCH: 3}
+    assert ds.dropped_records == {MALFORMED_RECORD: 4, IMAGE_TAG_MISMATCH: 3}
 
 
 def test_error_mode_refuses_bad_records_up_front(processor, folder):
@@ -80,7 +83,7 @@ def test_error_mode_refuses_bad_records_up_front(processor, folder):
 
 def test_plain_template_rejects_multi_turn_and_text_only_records(processor, folder):
     ds = dataset(processor, folder, GOOD, template=get_template("plain"))
-    assert ds.skipped_records == {TEMPLATE_MISMATCH: 2}
+    assert ds.dropped_records == {TEMPLATE_MISMATCH: 2}
     assert "multi" not in [s.id for s in ds.samples] and "text" not in [s.id for s in ds.samples]
 
 
@@ -152,7 +155,7 @@ def test_load_records_json_and_jsonl(tmp_path):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in GOOD) + "\n")
     assert load_records(tmp_path / "d.json") == load_records(tmp_path / "d.jsonl") == GOOD
     (tmp_path / "o.json").write_text("{}")
-    with pytest.raises(ValueError, match="JSON list"):
+    with pytest.raises(UserError, match="JSON list"):
         load_records(tmp_path / "o.json")
     with pytest.raises(FileNotFoundError):
         load_records(tmp_path / "none.json")
@@ -201,3 +204,63 @@ def test_text_only_batch_runs_the_vision_tower_without_changing_the_loss(process
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
     assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads[0])  # in the graph, zero gradient
     assert all(g is None for g in grads[1])
+
+
+# ------------------------------------------------------------------------------------------ load-time accounting
+def test_a_malformed_jsonl_line_is_a_counted_malformed_record(processor, folder):
+    lines = [json.dumps(GOOD[0]), '{"id": "cut", "conversations": [', "", json.dumps(GOOD[1]), "\xff not utf-8"]
+    (folder / "d.jsonl").write_bytes("\n".join(lines).encode("utf-8").replace(b"\xc3\xbf", b"\xff"))
+    records = load_records(folder / "d.jsonl")
+    assert len(records) == 4 and records[0] == GOOD[0] and records[2] == GOOD[1]
+    ds = dataset(processor, folder, records)
+    assert [s.id for s in ds.samples] == ["img", "text"] and (ds.num_records, ds.dropped_records) == (
+        4,
+        {MALFORMED_RECORD: 2},
+    )
+    checked = check_records(records, VICUNA, folder)
+    assert any("line 2 is not a JSON record" in m for m in checked.examples[MALFORMED_RECORD])
+    assert any("line 5" in m and "UTF-8" in m for m in checked.examples[MALFORMED_RECORD])
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("empty.json", "", "holds no records"),
+        ("empty_list.json", "[]", "holds no records"),
+        ("blank.jsonl", "\n  \n", "holds no records"),
+        ("syntax.json", '[{"id": 1},\n {"id": 2,}]', r"not valid JSON: .* \(line 2, column 11\)"),
+        ("lines.json", '{"id": 1}\n{"id": 2}\n', "name the file .jsonl"),
+        ("latin1.json", '[{"id": "caf\xe9"}]'.encode("latin-1"), "not UTF-8 text"),
+    ],
+)
+def test_empty_or_unparsable_files_are_errors(tmp_path, name, text, message):
+    (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    with pytest.raises(UserError, match=message):
+        load_records(tmp_path / name)
+
+
+def test_no_usable_record_and_a_wrong_image_folder_are_errors(processor, folder, tmp_path_factory):
+    with pytest.raises(UserError, match="no usable record among 7"):
+        check_records(BAD_RECORDS, VICUNA, folder)
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        check_records(GOOD, VICUNA, folder / "nowhere")
+
+
+@pytest.mark.parametrize(
+    ("records", "dropped", "drawn", "skipped", "stops"),
+    [
+        (10, 1, 0, 0, False),  # a tiny data set survives one bad record ...
+        (10, 1, 10, 1, False),  # ... and one bad image besides
+        (10, 5, 0, 0, True),  # a half-malformed file stops before the first draw
+        (48, 24, 0, 0, True),
+        (665_000, 0, 8, 1, False),  # one bad sample in the first batch is chance
+        (665_000, 0, 16, 8, True),  # half the images missing: the first batch stops the run
+        (665_000, 0, 10_000, 450, False),  # 4.5 %: within the limit
+        (665_000, 0, 10_000, 700, True),  # 7 %
+        (665_000, 26_600, 10_000, 300, True),  # 4 % dropped + 3 % of the rest skipped: 6.9 % in all
+        (665_000, 26_600, 10_000, 50, False),  # 4 % + 0.5 %
+    ],
+)
+def test_the_bad_sample_rule(records, dropped, drawn, skipped, stops):
+    assert too_many_bad(0.05, records, dropped, drawn, skipped) is stops
+    assert not too_many_bad(1.0, records, dropped, drawn, skipped)

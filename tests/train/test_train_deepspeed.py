@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionModel
 
 from llava_stf.testing import make_image
-from llava_stf.train.checkpoint import PROJECTOR_FILE
+from llava_stf.train.checkpoint import PROJECTOR_FILE, list_checkpoints
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,7 +102,12 @@ def test_zero2_pretrain_writes_the_projector(stage1):
 
 def test_zero3_finetune_starts_from_the_stage1_projector(world, stage1, tmp_path):
     out = tmp_path / "stage2"
-    launch("finetune.sh", tmp_path, **tiny(world, world.instruct, out, pretrained_projector=stage1))
+    launch("finetune.sh", tmp_path, **tiny(world, world.instruct, out, pretrained_projector=stage1,
+                                           save_strategy="steps", save_steps=2))  # fmt: skip
+    # both processes' ZeRO-3 shards are in the checkpoint marked complete; save_total_limit 1 (the YAML's) removed the
+    # checkpoint of step 2 once that of step 3 was complete
+    assert [(c.step, c.complete) for c in list_checkpoints(out)] == [(3, True)]
+    assert list((out / "checkpoint-3").rglob("*zero_pp_rank_1_*optim_states.pt"))
     model = reloads_and_generates(out, "vicuna_v1")
     tower = CLIPVisionModel.from_pretrained(world.towers[0]).state_dict()
     mine = model.model.vision_tower.state_dict()
