@@ -17,7 +17,8 @@ Reuse: each step writes a marker file after it succeeds, holding its settings an
 depends on. A later run reuses a step when its marker equals what it would write now (for a training stage: the
 resolved run configuration of ``llava_stf.train.run`` compared with ``config_differences``, ignoring logging keys,
 and the same upstream digests); otherwise the step and everything after it run again. Answers already generated are
-reused by the evaluation engine only when stage 2 was reused too.
+reused by the evaluation engine only when their provenance (stage 2's content digest, the question file's digest,
+the generation settings) matches; otherwise they are answered again.
 """
 
 from __future__ import annotations
@@ -214,22 +215,19 @@ class RunReport:
     blank_metrics: dict[str, Any]  # the same checkpoint on the blank-image control (``write_blank_split``)
 
 
-def evaluate(model: LazyGenerator, out: Path, name: str, fresh: bool, s: DemoSettings, progress: bool,
+def evaluate(model: LazyGenerator, out: Path, name: str, s: DemoSettings, progress: bool,
              split: str = "questions") -> dict[str, Any]:  # fmt: skip
-    """The ``synthetic`` benchmark's ``split`` through the evaluation engine (``fresh``: drop earlier answers of
-    ``name``); ``model`` loads the checkpoint on first use, once for all splits."""
-    from ..eval.__main__ import parse_args, run_benchmark
-    from ..eval.benchmarks import Options, get_benchmark
-    from ..eval.engine import Shard, remove_answers
+    """The ``synthetic`` benchmark's ``split`` through the evaluation engine; ``model`` loads the checkpoint on first
+    use, once for all splits. Answers saved under ``name`` by another checkpoint (or with other questions or
+    settings) are answered again, not resumed."""
+    from ..eval.__main__ import evaluate as run_eval
+    from ..eval.__main__ import parse_args
 
     argv = ["--benchmark", "synthetic", "--model-path", str(model.model_path), "--model-id", name, "--data-root",
             str(out), "--results-dir", str(out / "results"), "--batch-size", str(s.eval_batch_size),
             "--split", split]  # fmt: skip
     args = parse_args(argv + ["--no-progress"] * (not progress))
-    bench, options = get_benchmark("synthetic"), Options(split=split)
-    if fresh:  # answers of an earlier model under this name must not be resumed
-        remove_answers(bench.answers_file(args.data_root, name, options))
-    result = run_benchmark(bench, bench.samples(args.data_root, options), model, args, name, Shard())
+    [(_, result)] = run_eval(args, model, replace_stale=True)
     return dict(result.metrics)
 
 
@@ -265,10 +263,10 @@ def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool 
     stage2, rec2, reused2 = train_stage(argv2, [*ups, digest(stage1 / "demo_stage.json")])
     say(5, f"{'reused' if reused2 else 'trained'} {stage2} (loss {format_loss(rec2['train_loss'])})")
     model = LazyGenerator(stage2, default_device(), None)
-    metrics = evaluate(model, out, name, fresh=not reused2, s=s, progress=progress)
+    metrics = evaluate(model, out, name, s=s, progress=progress)
     if not (data / "eval" / f"{BLANK_SPLIT}.jsonl").is_file():  # a world generated before the control existed
         write_blank_split(data, s.image_size)
-    blank = evaluate(model, out, f"{name}-blank", fresh=not reused2, s=s, progress=progress, split=BLANK_SPLIT)
+    blank = evaluate(model, out, f"{name}-blank", s=s, progress=progress, split=BLANK_SPLIT)
     say(6, f"accuracy {metrics['accuracy']:.1f}% on {metrics['questions']} questions "
            f"({blank['accuracy']:.1f}% with a blank image)")  # fmt: skip
     config = LlavaStfConfig.from_pretrained(stage2)

@@ -1,4 +1,5 @@
-"""``python -m llava_stf.eval``: answer, merge and score LLaVA-1.5's nine benchmarks; print results tables.
+"""``python -m llava_stf.eval``: answer, merge and score LLaVA-1.5's nine benchmarks (or a question file of one's own
+with ``--benchmark vqa --questions FILE``); print results tables.
 
 Run ``python -m llava_stf.eval --benchmark gqa pope --model-path CKPT [--batch-size 8]`` over an existing LLaVA
 ``playground/data/eval``. Sharding: ``--num-chunks N --chunk-idx I`` (or ``CHUNKS``/``IDX``, or torchrun's
@@ -6,20 +7,46 @@ Run ``python -m llava_stf.eval --benchmark gqa pope --model-path CKPT [--batch-s
 process that answers the last question merges and scores, and a rerun with everything answered only merges and
 scores (no model is loaded). ``--table --model-path A B [--paper]`` prints the combined table;
 ``--record vqav2=78.5 --model-path A`` records a number returned by an evaluation server.
+
+Provenance: the model id (answer and results file names) is the checkpoint folder's name plus the first digits of
+its content digest (``llava_stf.provenance``), so two checkpoints in folders of the same name never share files.
+Saved answers are reused only when their record (checkpoint digest, question-file digest, generation settings)
+matches this run; otherwise the run stops before loading anything, naming what differs. ``--overwrite`` starts
+over: it deletes earlier answers only after the questions, images and checkpoint are checked and the model has
+loaded. ``--adopt-answers`` takes answers without a record (upstream LLaVA's) as this run's. Everything is read and
+checked before any model loads; an ordinary failure is one ``error: ...`` line (``--debug``: the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..data.images import ImageLimits
+from ..errors import EXPECTED, UserError, add_debug_flag, run_main
 from ..generation import GenerationSettings, Generator, default_device, load_checkpoint
-from .benchmarks import BENCHMARKS, PAPER_BENCHMARKS, Benchmark, Options, Result, get_benchmark
-from .engine import Sample, Shard, check_images, count_answered, finalize, remove_answers, run_shard
+from ..loading import check_checkpoint
+from ..provenance import Provenance, checkpoint_digest, file_digest, short
+from .answers import has_answers, read_provenance, write_provenance
+from .benchmarks import BENCHMARKS, PAPER_BENCHMARKS, VQA, Benchmark, Options, Result, get_benchmark
+from .engine import (
+    Sample,
+    Shard,
+    StaleAnswersError,
+    check_images,
+    count_answered,
+    finalize,
+    provenance_conflict,
+    remove_answers,
+    run_shard,
+)
 from .results import PAPER_ROWS, format_table, load_results, results_file, table_row, update_results
 
 logger = logging.getLogger("llava_stf.eval")
@@ -32,6 +59,11 @@ def model_id_from_path(path: str | Path) -> str:
     return f"{path.parent.name}_{path.name}" if path.name.startswith("checkpoint-") else path.name
 
 
+def default_model_id(path: str | Path, digest: str) -> str:
+    """The folder name plus the first digits of the content digest: ``stage2-1a2b3c4d``."""
+    return f"{model_id_from_path(path)}-{short(digest)}"
+
+
 class LazyGenerator:
     """Loads the checkpoint on first use only, so runs with nothing left to answer never load a model."""
 
@@ -39,76 +71,216 @@ class LazyGenerator:
         self.model_path, self.device, self.dtype = model_path, device, dtype
         self.generator: Generator | None = None
 
+    @property
+    def dtype_name(self) -> str:
+        """The weight dtype it loads with (``load_checkpoint``'s default when none was given)."""
+        dtype = self.dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        return str(dtype).removeprefix("torch.")
+
     def __call__(self) -> Generator:
+        """The generator, loading the checkpoint the first time.
+
+        Raises:
+            UserError: If the checkpoint cannot be loaded (corrupt weights, ...); the cause is chained (``--debug``).
+        """
         if self.generator is None:
             logger.info("loading %s on %s", self.model_path, self.device)
-            self.generator = Generator(*load_checkpoint(self.model_path, self.device, self.dtype))
+            try:
+                self.generator = Generator(*load_checkpoint(self.model_path, self.device, self.dtype))
+            except EXPECTED:
+                raise
+            except Exception as err:  # safetensors, torch and transformers each raise their own types
+                raise UserError(f"cannot load the checkpoint {self.model_path}: {type(err).__name__}: {err}") from err
         return self.generator
 
 
-def run_benchmark(
-    bench: Benchmark,
-    samples: list[Sample],
-    load_generator: LazyGenerator,
+@dataclass(frozen=True)
+class Job:
+    """One benchmark of a run, read and checked before any model loads."""
+
+    bench: Benchmark
+    samples: list[Sample]
+    answers_file: Path
+    settings: GenerationSettings
+    provenance: Provenance
+    start_over: bool  # earlier answers are deleted (once the model has loaded) and answered again
+    adopt: bool  # earlier answers without a provenance record are taken as this run's
+
+
+def plan(
     args: argparse.Namespace,
+    benches: Sequence[Benchmark],
     model_id: str,
+    digest: str,
+    load: LazyGenerator,
     shard: Shard,
-) -> Result | None:
-    """Answer (this shard of) a benchmark, then merge and score once every question is answered."""
-    options = Options(split=args.split, all_rounds=args.all_rounds)
-    answers_file = bench.answers_file(args.data_root, model_id, options)
-    if args.overwrite:
-        remove_answers(answers_file)
-    records = finalize(samples, answers_file) if answers_file.is_file() else None
-    if records is None:
+    replace_stale: bool = False,
+) -> list[Job]:
+    """Read every question file, compare saved answers' provenance and check every image; nothing is written.
+
+    Args:
+        replace_stale: Start over wherever saved answers do not match (instead of refusing); the demo's choice.
+
+    Raises:
+        StaleAnswersError: Listing the benchmarks whose saved answers were made otherwise (unless told to start over).
+        QuestionFileError, ImageCheckError, FileNotFoundError: For bad or missing inputs.
+    """
+    options, jobs, refusals, unrecorded_any = options_of(args), [], [], False
+    for bench in benches:
+        samples = bench.samples(args.data_root, options)
+        question_file = bench.question_file(args.data_root, options)
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens or bench.max_new_tokens)
+        generation = {**dataclasses.asdict(settings), "dtype": load.dtype_name}
+        provenance = Provenance(
+            checkpoint=digest,
+            questions=file_digest(question_file),
+            generation=generation,
+            checkpoint_path=str(Path(load.model_path).resolve()),
+            questions_path=str(question_file.resolve()),
+            extra={"model_id": model_id},
+        )
+        answers_file = bench.answers_file(args.data_root, model_id, options)
+        try:
+            conflict = provenance_conflict(answers_file, provenance)
+            unrecorded = conflict is not None and read_provenance(answers_file) is None
+        except ValueError as err:  # an unreadable record: as good as a differing one
+            conflict, unrecorded = str(err), False
+        start_over = args.overwrite or (conflict is not None and replace_stale)
+        adopt = unrecorded and args.adopt_answers and not start_over
+        if conflict and not (start_over or adopt):
+            refusals.append(f"{bench.name}: {conflict}")
+            unrecorded_any |= unrecorded
+        jobs.append(Job(bench, samples, answers_file, settings, provenance, start_over, adopt))
+    if refusals:
+        adopt_hint = ", or --adopt-answers if they are this checkpoint's" if unrecorded_any else ""
+        raise StaleAnswersError(
+            f"{'; '.join(refusals)}. Pass --overwrite to answer again (the saved answers are deleted only once the "
+            f"inputs are checked and the model has loaded), or use another --model-id{adopt_hint}"
+        )
+    for job in jobs:  # every benchmark's images, before any model loads
+        check_images(job.samples, None if job.start_over else job.answers_file, shard, image_limits(args))
+    return jobs
+
+
+def run_job(job: Job, load: LazyGenerator, args: argparse.Namespace, model_id: str, shard: Shard) -> Result | None:
+    """Answer (this shard of) one planned benchmark, then merge and score once every question is answered."""
+    bench, options, answers_file = job.bench, options_of(args), job.answers_file
+    if job.start_over:
+        load()  # a checkpoint that does not load leaves the earlier answers in place
+        if has_answers(answers_file):
+            logger.info("%s: starting over: deleting the earlier answers in %s", bench.name, answers_file)
+        remove_answers(answers_file)
+    if job.adopt:
+        adopted = {**job.provenance.extra, "adopted": True}
+        write_provenance(answers_file, dataclasses.replace(job.provenance, extra=adopted))
+    records = finalize(job.samples, answers_file) if answers_file.is_file() else None
+    if records is None:
         run_shard(
-            samples,
+            job.samples,
             answers_file,
-            load_generator,
+            load,
             model_id=model_id,
-            settings=settings,
+            settings=job.settings,
             batch_size=args.batch_size,
             shard=shard,
             progress=not args.no_progress,
             label=bench.name,
+            provenance=job.provenance,
+            image_limits=image_limits(args),
+            check=False,  # done by ``plan``
         )
-        records = finalize(samples, answers_file)
+        records = finalize(job.samples, answers_file)
     if records is None:
-        done = count_answered(samples, answers_file)
+        done = count_answered(job.samples, answers_file)
         logger.info(
             "%s: %d of %d questions answered; the last chunk to finish merges and scores",
             bench.name,
             done,
-            len(samples),
+            len(job.samples),
         )
         return None
     result = bench.score(args.data_root, records, model_id, options)
+    recorded = read_provenance(answers_file)
     entry = {
-        "column": bench.column,
+        "column": bench.table_column(options),
         "headline": result.headline,
         "headline_metric": result.headline_metric,
         "source": "local" if result.headline is not None else None,
         "split": bench.split(options),
         "answers_file": str(answers_file),
+        "provenance": recorded.to_json() if recorded else None,
         "metrics": dict(result.metrics),
         "files": list(result.files),
         "notes": list(result.notes),
     }
-    update_results(results_file(args.results_dir, model_id), bench.name, entry, model_id=model_id)
+    top = {"model_id": model_id, "model_digest": job.provenance.checkpoint, "model_path": str(load.model_path)}
+    update_results(results_file(args.results_dir, model_id), bench.results_key(options), entry, **top)
     return result
+
+
+def evaluate(
+    args: argparse.Namespace, load: LazyGenerator | None = None, replace_stale: bool = False
+) -> list[tuple[Benchmark, Result | None]]:
+    """Plan, then run every ``--benchmark`` of ``args`` on its one ``--model-path``; ``(benchmark, result)`` each
+    (``None`` while other chunks still answer). ``load``: a generator to share between calls (the demo)."""
+    model_path = args.model_path[0]
+    names = list(PAPER_BENCHMARKS) if args.benchmark == ["all"] else args.benchmark
+    benches = [get_benchmark(name) for name in names]
+    _check_options(args, benches)
+    shard = Shard.from_env(args.num_chunks, args.chunk_idx)
+    if args.overwrite and shard.count > 1:
+        raise UserError("--overwrite deletes every chunk's answers; run it once without chunks first")
+    check_checkpoint(model_path)
+    digest = checkpoint_digest(model_path)
+    model_id = args.model_id[0] if args.model_id else default_model_id(model_path, digest)
+    load = load or LazyGenerator(model_path, _device(args), DTYPES.get(args.dtype))
+    image_limits(args)  # bad limits are an error before anything else
+    jobs = plan(args, benches, model_id, digest, load, shard, replace_stale)
+    return [(job.bench, run_job(job, load, args, model_id, shard)) for job in jobs]
+
+
+def image_limits(args: argparse.Namespace) -> ImageLimits:
+    """The image policy training and chat apply (``llava_stf.data.images.ImageLimits``), from the flags."""
+    return ImageLimits(
+        max_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio, max_bytes=args.max_image_bytes
+    )
+
+
+def options_of(args: argparse.Namespace) -> Options:
+    return Options(args.split, args.all_rounds, args.questions, args.image_folder, args.ground_truth)
+
+
+def _check_options(args: argparse.Namespace, benches: Sequence[Benchmark]) -> None:
+    own = {"--questions": args.questions, "--image-folder": args.image_folder, "--ground-truth": args.ground_truth}
+    given = [flag for flag, value in own.items() if value is not None]
+    others = [b.name for b in benches if not b.takes_files]
+    if given and others:
+        raise UserError(f"{', '.join(given)} only go with --benchmark {VQA.name}, not {', '.join(others)}")
+    if any(b.takes_files for b in benches) and args.questions is None:
+        raise UserError(f"--benchmark {VQA.name} needs --questions FILE (LLaVA question JSONL)")
+    if args.questions is not None and args.split:
+        raise UserError("--split names a file of a benchmark's own layout; with --questions give the file itself")
+    for flag, path in own.items():
+        if path is not None and not (path.is_dir() if flag == "--image-folder" else path.is_file()):
+            raise UserError(f"{flag} {path}: no such {'folder' if flag == '--image-folder' else 'file'}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m llava_stf.eval",
-        description="Answer, merge and score LLaVA-1.5's nine benchmarks; print tables.",
+        description="Answer, merge and score LLaVA-1.5's nine benchmarks or a question file of your own; print tables.",
     )
     parser.add_argument(
         "--benchmark", nargs="+", default=[], help=f"'all' (the paper's nine) or any of: {', '.join(BENCHMARKS)}"
     )
-    parser.add_argument("--model-path", nargs="+", type=Path, required=True, help="checkpoint folder(s)")
-    parser.add_argument("--model-id", help="name in answer files and results (default: the checkpoint folder name)")
+    parser.add_argument("--model-path", nargs="+", type=Path, default=[], help="checkpoint folder(s)")
+    parser.add_argument(
+        "--model-id",
+        nargs="+",
+        default=[],
+        help="name in answer files and results (default: folder name + digest, e.g. stage2-1a2b3c4d); with --table "
+        "the rows to show",
+    )
     parser.add_argument("--data-root", type=Path, default=Path("playground/data/eval"))
     parser.add_argument("--results-dir", type=Path, help="default: <data-root>/results")
     parser.add_argument(
@@ -122,19 +294,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, help="override the benchmark's limit (128 or 1024)")
     parser.add_argument("--split", help="question-file stem instead of the benchmark's default")
     parser.add_argument("--all-rounds", action="store_true", help="MMBench: ask every rotation (CircularEval)")
+    parser.add_argument("--questions", type=Path, help="--benchmark vqa: a LLaVA question JSONL of your own")
+    parser.add_argument("--image-folder", type=Path, help="--benchmark vqa: its images (default: the file's folder)")
+    parser.add_argument(
+        "--ground-truth", type=Path, help="--benchmark vqa: JSONL of question_id, answer (+ category) to score"
+    )
+    limits = ImageLimits()  # the shared image policy; an image over it is an error before any model loads
+    parser.add_argument("--max-image-bytes", type=int, default=limits.max_bytes, help="largest image file (64 MiB)")
+    parser.add_argument("--max-image-pixels", type=int, default=limits.max_pixels, help="largest width * height")
+    parser.add_argument(
+        "--max-aspect-ratio", type=float, default=limits.max_aspect_ratio, help="largest long side / short side"
+    )
     parser.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on GPU, float32 on CPU")
-    parser.add_argument("--overwrite", action="store_true", help="delete earlier answers of these benchmarks first")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="answer again: earlier answers of these benchmarks are deleted once the inputs are checked and the "
+        "model has loaded",
+    )
+    parser.add_argument(
+        "--adopt-answers",
+        action="store_true",
+        help="take saved answers that have no provenance record (upstream LLaVA's) as made by this checkpoint, "
+        "questions and settings",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--table", action="store_true", help="print the combined table of --model-path(s)")
     parser.add_argument("--paper", action="store_true", help="with --table: add the published 7B rows")
     parser.add_argument("--record", nargs="+", default=[], metavar="NAME=SCORE", help="record server scores")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     args.results_dir = args.results_dir or args.data_root / "results"
     if not (args.benchmark or args.table or args.record):
         parser.error("give --benchmark, --table or --record")
-    if len(args.model_path) > 1 and (args.benchmark or args.record):
+    if (args.benchmark or args.record) and len(args.model_path) != 1:
         parser.error("--benchmark and --record take one --model-path (several only with --table)")
+    if (args.benchmark or args.record) and len(args.model_id) > 1:
+        parser.error("--benchmark and --record take one --model-id")
+    if args.table and not (args.model_path or args.model_id):
+        parser.error("--table needs --model-path(s) or --model-id(s)")
+    if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+        parser.error("--batch-size and --max-new-tokens must be at least 1")
     return args
 
 
@@ -146,45 +347,55 @@ def _device(args: argparse.Namespace) -> torch.device:
     return default_device()
 
 
-def _record(args: argparse.Namespace, model_id: str) -> None:
+def _record(args: argparse.Namespace) -> None:
+    model_path = args.model_path[0]
+    digest = checkpoint_digest(model_path)
+    model_id = args.model_id[0] if args.model_id else default_model_id(model_path, digest)
+    options = Options(split=args.split)
     for item in args.record:
         name, _, score = item.partition("=")
         bench = get_benchmark(name)
-        entry = {"column": bench.column, "headline": float(score), "headline_metric": "server", "source": "server"}
-        update_results(results_file(args.results_dir, model_id), name, entry, model_id=model_id)
-        print(f"recorded {bench.column} = {float(score):.1f} for {model_id}")
+        try:
+            value = float(score)
+        except ValueError:
+            raise UserError(f"--record {item!r}: expected NAME=SCORE with a number, e.g. vqav2=78.5") from None
+        entry = {"column": bench.table_column(options), "headline": value, "headline_metric": "server",
+                 "source": "server", "split": bench.split(options)}  # fmt: skip
+        top = {"model_id": model_id, "model_digest": digest, "model_path": str(model_path)}
+        update_results(results_file(args.results_dir, model_id), bench.results_key(options), entry, **top)
+        print(f"recorded {bench.column} = {value:.1f} for {model_id}")
+
+
+def _table_ids(args: argparse.Namespace) -> list[str]:
+    if args.model_id:
+        return list(args.model_id)
+    return [default_model_id(path, checkpoint_digest(path)) for path in args.model_path]
+
+
+def run(args: argparse.Namespace) -> int:
+    """The work of ``main`` (errors propagate; ``main`` turns expected ones into one line)."""
+    scored, model_ids = False, []
+    if args.record:
+        _record(args)
+    if args.benchmark:
+        for bench, result in evaluate(args):
+            scored |= result is not None
+            for line in [] if result is None else [*result.notes, *(f"wrote {f}" for f in result.files)]:
+                print(f"{bench.name}: {line}")
+    if args.table or scored:
+        model_ids = _table_ids(args)
+        rows = [(m, table_row(load_results(results_file(args.results_dir, m)))) for m in model_ids]
+        if args.paper:
+            rows = [*PAPER_ROWS.items(), *rows]
+        print(format_table(rows))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("llava_stf").setLevel(logging.INFO)
-    model_ids = [args.model_id or model_id_from_path(p) for p in args.model_path]
-    scored = False
-    if args.record:
-        _record(args, model_ids[0])
-    if args.benchmark:
-        names = list(PAPER_BENCHMARKS) if args.benchmark == ["all"] else args.benchmark
-        benches = [get_benchmark(name) for name in names]
-        shard = Shard.from_env(args.num_chunks, args.chunk_idx)
-        if args.overwrite and shard.count > 1:
-            raise SystemExit("--overwrite deletes every chunk's answers; run it once without chunks first")
-        options = Options(split=args.split, all_rounds=args.all_rounds)
-        questions = [bench.samples(args.data_root, options) for bench in benches]
-        for bench, samples in zip(benches, questions):  # pre-flight over every benchmark before any model loads
-            check_images(samples, None if args.overwrite else bench.answers_file(args.data_root, model_ids[0], options))
-        load = LazyGenerator(args.model_path[0], _device(args), DTYPES.get(args.dtype))
-        for bench, samples in zip(benches, questions):
-            result = run_benchmark(bench, samples, load, args, model_ids[0], shard)
-            scored |= result is not None
-            for line in [] if result is None else [*result.notes, *(f"wrote {f}" for f in result.files)]:
-                print(f"{bench.name}: {line}")
-    if args.table or scored:
-        rows = [(m, table_row(load_results(results_file(args.results_dir, m)))) for m in model_ids]
-        if args.paper:
-            rows = [*PAPER_ROWS.items(), *rows]
-        print(format_table(rows))
-    return 0
+    return run_main(lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

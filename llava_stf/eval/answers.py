@@ -9,6 +9,11 @@ killed mid-write leaves at most one incomplete last line, which the owner cuts o
 ignore. Resuming reads **all** part files, so a restart with a different number of chunks still skips every
 question answered before. The merge writes the final file (upstream fields only, no ``key``) in question-file order
 once every question has an answer, atomically.
+
+What produced the answers is recorded beside them, in ``<answers>.provenance.json`` (``provenance_file``): the
+checkpoint digest, the question-file digest and the generation settings (``llava_stf.provenance.Provenance``). It is
+written before the first part file, so part files and the merged file always have one; the answers files themselves
+keep upstream's layout.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from ..errors import UserError
+from ..provenance import Provenance
+
 logger = logging.getLogger(__name__)
 
 KEY = "key"
@@ -30,6 +38,37 @@ KEY = "key"
 def parts_dir(answers_file: Path) -> Path:
     """Folder of the part files of ``answers_file`` (``merge.jsonl`` -> ``merge.jsonl.parts/``)."""
     return answers_file.with_name(answers_file.name + ".parts")
+
+
+def provenance_file(answers_file: Path) -> Path:
+    """The record of what produced ``answers_file`` (``merge.jsonl`` -> ``merge.jsonl.provenance.json``)."""
+    return answers_file.with_name(answers_file.name + ".provenance.json")
+
+
+def read_provenance(answers_file: Path) -> Provenance | None:
+    """The provenance recorded for ``answers_file``; None when there is no record.
+
+    Raises:
+        ValueError: If the record is not readable (naming the file).
+    """
+    path = provenance_file(answers_file)
+    if not path.is_file():
+        return None
+    try:
+        return Provenance.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: unreadable provenance record ({err}); move it away or pass --overwrite") from None
+
+
+def write_provenance(answers_file: Path, provenance: Provenance) -> None:
+    """Record what produces ``answers_file`` (temporary file + rename)."""
+    write_text_atomic(provenance_file(answers_file), json.dumps(provenance.to_json(), indent=1) + "\n")
+
+
+def has_answers(answers_file: Path) -> bool:
+    """Whether ``answers_file`` or any of its part files exists."""
+    folder = parts_dir(answers_file)
+    return answers_file.is_file() or (folder.is_dir() and any(folder.glob("*.jsonl")))
 
 
 def read_jsonl(path: Path, complete_lines_only: bool = False) -> list[dict[str, Any]]:
@@ -64,11 +103,15 @@ def read_jsonl(path: Path, complete_lines_only: bool = False) -> list[dict[str, 
 
 def write_jsonl_atomic(path: Path, records: Iterable[dict[str, Any]]) -> None:
     """Write JSON lines to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def write_text_atomic(path: Path, text: str | bytes) -> None:
+    """Write ``path`` through a temporary file in its folder, ``fsync`` and a rename: never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    with tmp.open("wb") as f:
+        f.write(text.encode("utf-8") if isinstance(text, str) else text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -109,7 +152,7 @@ class PartWriter:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._file.close()
-            raise RuntimeError(f"another process is writing {self.path} (is the same chunk running twice?)") from None
+            raise UserError(f"another process is writing {self.path} (is the same chunk running twice?)") from None
         self._repair()
 
     def _repair(self) -> None:
@@ -161,4 +204,17 @@ def merge(answers_file: Path, keys: Sequence[str]) -> list[dict[str, Any]] | Non
     return records
 
 
-__all__ = ["KEY", "PartWriter", "answered", "merge", "parts_dir", "read_jsonl", "write_jsonl_atomic"]
+__all__ = [
+    "KEY",
+    "PartWriter",
+    "answered",
+    "has_answers",
+    "merge",
+    "parts_dir",
+    "provenance_file",
+    "read_jsonl",
+    "read_provenance",
+    "write_jsonl_atomic",
+    "write_provenance",
+    "write_text_atomic",
+]

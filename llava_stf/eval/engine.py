@@ -2,17 +2,22 @@
 
 ``run_shard`` takes a benchmark's samples, keeps this process's shard (contiguous chunks of ceil(n / chunks)
 questions, as LLaVA's ``CHUNKS``/``IDX`` scripts; ``torchrun`` ranks work the same way), skips every question already
-answered in any part file, checks that every image it still needs exists **before** loading a model, and then
+answered in any part file, checks every image it still needs **before** loading a model (``check_images``: each one
+decoded by the training loader, ``llava_stf.data.images.load_image``, under the same ``ImageLimits``), and then
 generates in batches with ``llava_stf.generation.Generator`` (greedy, left padding), appending each batch's answers to
 the shard's part file (``llava_stf.eval.answers``). A progress bar shows answers/s. ``finalize`` merges the parts
 into the upstream answers file once every question is answered; whichever process finishes last does it.
+
+Given a ``Provenance`` (checkpoint digest, question-file digest, generation settings), ``run_shard`` records it beside
+the answers before writing the first one and refuses to add to answers recorded with another (``StaleAnswersError``,
+naming what differs), or with none.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
-import io
 import logging
 import os
 import shutil
@@ -26,12 +31,27 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data.images import to_rgb
+from ..data.images import UNREADABLE_IMAGE, ImageLimits, decode_image_bytes, load_image
+from ..data.tokenization import SkippedSample
+from ..errors import UserError
 from ..generation import GenerationSettings, Generator, Request
-from .answers import KEY, PartWriter, answered, merge, parts_dir, read_jsonl
+from ..provenance import Provenance
+from .answers import (
+    KEY,
+    PartWriter,
+    answered,
+    has_answers,
+    merge,
+    parts_dir,
+    provenance_file,
+    read_jsonl,
+    read_provenance,
+    write_provenance,
+)
 
 logger = logging.getLogger(__name__)
-MAX_LISTED = 20  # missing images named in the pre-flight error
+MAX_LISTED = 20  # unusable images named in the pre-flight error
+CHECK_WORKERS = min(8, os.cpu_count() or 1)  # threads decoding images in the pre-flight (PIL releases the GIL)
 
 
 @dataclass(frozen=True)
@@ -53,8 +73,12 @@ class Sample:
     extra: Mapping[str, Any] = field(default_factory=dict)  # further answer fields (MMBench: round_id, options, ...)
 
 
-class MissingImagesError(FileNotFoundError):
-    """Images of unanswered questions are missing; raised before any model is loaded."""
+class ImageCheckError(UserError):
+    """Images of unanswered questions are missing, unreadable or over the size limits; raised before any model loads."""
+
+
+class StaleAnswersError(UserError):
+    """Saved answers were made by another checkpoint, question file or generation settings (or nobody knows by what)."""
 
 
 def sample_keys(labels: Iterable[str]) -> list[str]:
@@ -110,36 +134,83 @@ class ShardReport:
         return self.generated / self.seconds if self.seconds > 0 else 0.0
 
 
-def open_image(ref: Path | InlineImage) -> Image.Image:
-    """Decode an image fully (so a corrupt file fails here) and convert it to RGB exactly as training does."""
-    source = ref if isinstance(ref, Path) else io.BytesIO(base64.b64decode(ref.data))
-    with Image.open(source) as image:
-        image.load()
-        return to_rgb(image)[0]
+def open_image(ref: Path | InlineImage, limits: ImageLimits | None = None) -> Image.Image:
+    """Decode an image with the training loader (``load_image``): the same size limits and the same RGB conversion.
+
+    Raises:
+        SkippedSample: ``missing_image``, ``unreadable_image``, ``truncated_image`` or ``image_too_large``.
+    """
+    if isinstance(ref, Path):
+        return load_image(ref, limits)[0]
+    try:
+        data = base64.b64decode(ref.data, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise SkippedSample(UNREADABLE_IMAGE, f"the inline image is not valid base64: {err}") from None
+    return decode_image_bytes(data, "the inline image", limits)[0]
 
 
-def missing_images(samples: Iterable[Sample]) -> list[Path]:
-    """Image files that do not exist, each listed once, in question order."""
-    seen: dict[Path, None] = {}
-    for sample in samples:
-        if isinstance(sample.image, Path) and sample.image not in seen and not sample.image.is_file():
-            seen[sample.image] = None
-    return list(seen)
+def image_problem(ref: Path | InlineImage, limits: ImageLimits | None = None) -> str | None:
+    """Why ``ref`` cannot be used (``"missing_image: ..."``), or None when it decodes within ``limits``."""
+    try:
+        open_image(ref, limits)
+    except SkippedSample as err:
+        return str(err)
+    return None
 
 
-def check_images(samples: Sequence[Sample], answers_file: Path | None = None) -> None:
-    """Pre-flight: raise ``MissingImagesError`` listing the missing images of questions not answered yet.
+def check_images(
+    samples: Sequence[Sample],
+    answers_file: Path | None = None,
+    shard: Shard | None = None,
+    limits: ImageLimits | None = None,
+) -> None:
+    """Pre-flight: decode every image of the shard's unanswered questions; raise one error listing the bad ones.
 
     Args:
         samples: The benchmark's questions.
         answers_file: Its answers file; questions answered in its part files are not checked. None: check all.
+        shard: Only this shard's questions (default: all).
+        limits: Image size limits (default ``ImageLimits()``, as training and chat).
+
+    Raises:
+        ImageCheckError: Naming each missing, unreadable, truncated or too large image.
     """
     done = answered(answers_file, _check_keys(samples)) if answers_file is not None else {}
-    missing = missing_images(s for s in samples if s.key not in done)
-    if missing:
-        listed = "\n  ".join(str(p) for p in missing[:MAX_LISTED])
-        more = f"\n  ... and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
-        raise MissingImagesError(f"{len(missing)} image(s) of unanswered questions are missing:\n  {listed}{more}")
+    mine = shard.select(samples) if shard is not None else samples
+    refs: dict[Any, tuple[str, Path | InlineImage]] = {}  # each file once; inline images named by their question
+    for s in mine:
+        if s.image is not None and s.key not in done:
+            label = "" if isinstance(s.image, Path) else f"question {s.question_id!r}: "
+            refs.setdefault(s.image if isinstance(s.image, Path) else s.key, (label, s.image))
+    if len(refs) > 100:
+        logger.info("checking %d images of unanswered questions", len(refs))
+    with ThreadPoolExecutor(max_workers=CHECK_WORKERS) as pool:
+        found = list(pool.map(lambda ref: image_problem(ref, limits), (ref for _, ref in refs.values())))
+    problems = [label + problem for (label, _), problem in zip(refs.values(), found) if problem is not None]
+    if problems:
+        more = f"; ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        header = f"{len(problems)} image(s) of unanswered questions cannot be used (replace or remove them)"
+        raise ImageCheckError(f"{header}: {'; '.join(problems[:MAX_LISTED])}{more}")
+
+
+def provenance_conflict(answers_file: Path, current: Provenance) -> str | None:
+    """Why the answers saved for ``answers_file`` must not be reused with ``current``; None when they may be.
+
+    None also when nothing is saved yet.
+    """
+    if not has_answers(answers_file):
+        return None
+    recorded = read_provenance(answers_file)
+    if recorded is None:
+        return (
+            f"{answers_file} holds answers with no provenance record ({provenance_file(answers_file).name}): they "
+            "were written by upstream LLaVA or before records were kept, so which checkpoint, questions and settings "
+            "made them is unknown"
+        )
+    differences = recorded.differences(current)
+    if differences:
+        return f"the answers in {answers_file} differ from this run in {'; '.join(differences)}"
+    return None
 
 
 def _check_keys(samples: Sequence[Sample]) -> list[str]:
@@ -155,17 +226,17 @@ def answer_id(model_id: str, key: str) -> str:
     return hashlib.sha1(f"{model_id}\n{key}".encode()).hexdigest()[:22]
 
 
-def _load_batch(batch: Sequence[Sample]) -> list[Image.Image | None]:
+def _load_batch(batch: Sequence[Sample], limits: ImageLimits | None) -> list[Image.Image | None]:
     images = []
     for sample in batch:
         try:
-            images.append(open_image(sample.image) if sample.image is not None else None)
-        except Exception as err:  # PIL raises several types for unreadable files
+            images.append(open_image(sample.image, limits) if sample.image is not None else None)
+        except SkippedSample as err:  # the file changed after the pre-flight, or the pre-flight was skipped
             where = sample.image if isinstance(sample.image, Path) else "the inline image"
-            raise OSError(
+            raise ImageCheckError(
                 f"question {sample.question_id!r}: cannot read {where}: {err}. Answers so far are saved; "
                 "replace the file and rerun to continue"
-            ) from err
+            ) from None
     return images
 
 
@@ -180,6 +251,9 @@ def run_shard(
     shard: Shard = Shard(),
     progress: bool = True,
     label: str | None = None,
+    provenance: Provenance | None = None,
+    image_limits: ImageLimits | None = None,
+    check: bool = True,
 ) -> ShardReport:
     """Answer this shard's unanswered questions, appending to its part file.
 
@@ -187,27 +261,39 @@ def run_shard(
         samples: Every question of the benchmark, in question-file order.
         answers_file: The final (merged) answers file; part files go to ``parts_dir(answers_file)``.
         load_generator: Called once, only if something is left to answer.
-        model_id: Recorded in each answer (upstream: the checkpoint folder name).
+        model_id: Recorded in each answer (the CLI's default: folder name + digest, ``stage2-1a2b3c4d``).
         settings: Decoding settings.
         batch_size: Requests per ``generate`` call.
         shard: This process's chunk.
         progress: Show a progress bar (answers/s).
         label: Its title (default: the answers file name).
+        provenance: What produces the answers: recorded before the first one; saved answers with another record
+            (or none) are refused. None: no record kept (benchmarks of the engine itself).
+        image_limits: Size limits of the images (default ``ImageLimits()``).
+        check: Decode the shard's images before loading the model (off when the caller did it already).
 
     Raises:
-        MissingImagesError: Before loading the model, if images of unanswered questions are missing.
-        OSError: If an image cannot be decoded (answers generated so far are kept).
+        StaleAnswersError: If saved answers have another provenance (or none) than ``provenance``.
+        ImageCheckError: Before loading the model, if images of unanswered questions are missing or unusable;
+            during generation, if an image became unreadable (answers generated so far are kept).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     keys = _check_keys(samples)
+    if provenance is not None:
+        conflict = provenance_conflict(answers_file, provenance)
+        if conflict:
+            raise StaleAnswersError(f"{conflict}; pass --overwrite to answer again")
+        if read_provenance(answers_file) is None or not has_answers(answers_file):
+            write_provenance(answers_file, provenance)  # before the first part file
     mine = shard.select(samples)
     done = answered(answers_file, keys)
     pending = [s for s in mine if s.key not in done]
     report = ShardReport(shard, len(mine), len(mine) - len(pending), 0, 0.0)
     if not pending:
         return report
-    check_images(samples, answers_file)
+    if check:
+        check_images(samples, answers_file, shard, image_limits)
     with PartWriter(answers_file, shard.count, shard.index) as writer:
         done = answered(answers_file, keys)  # again, now that this shard's file is locked and repaired
         pending = sorted((s for s in mine if s.key not in done), key=lambda s: -len(s.text))
@@ -224,11 +310,12 @@ def run_shard(
         )
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1) as pool, bar:
-            upcoming = pool.submit(_load_batch, batches[0])
+            upcoming = pool.submit(_load_batch, batches[0], image_limits)
             for i, batch in enumerate(batches):
                 images = upcoming.result()
                 if i + 1 < len(batches):
-                    upcoming = pool.submit(_load_batch, batches[i + 1])  # decode the next images while generating
+                    # decode the next images while generating
+                    upcoming = pool.submit(_load_batch, batches[i + 1], image_limits)
                 texts = generator.generate([Request.single(s.text, img) for s, img in zip(batch, images)], settings)
                 writer.append([_record(s, text, model_id) for s, text in zip(batch, texts)])
                 bar.update(len(batch))
@@ -273,9 +360,10 @@ def finalize(samples: Sequence[Sample], answers_file: Path) -> list[dict[str, An
 
 
 def remove_answers(answers_file: Path) -> None:
-    """Delete the answers file and its part files (``--overwrite``)."""
+    """Delete the answers file, its part files and its provenance record (``--overwrite``, once inputs are checked)."""
     answers_file.unlink(missing_ok=True)
     shutil.rmtree(parts_dir(answers_file), ignore_errors=True)
+    provenance_file(answers_file).unlink(missing_ok=True)
 
 
 def count_answered(samples: Sequence[Sample], answers_file: Path) -> int:
@@ -283,8 +371,8 @@ def count_answered(samples: Sequence[Sample], answers_file: Path) -> int:
 
 
 __all__ = [
+    "ImageCheckError",
     "InlineImage",
-    "MissingImagesError",
     "Sample",
     "Shard",
     "ShardReport",
@@ -292,9 +380,11 @@ __all__ = [
     "check_images",
     "count_answered",
     "finalize",
-    "missing_images",
+    "image_problem",
     "open_image",
+    "provenance_conflict",
     "remove_answers",
     "run_shard",
     "sample_keys",
+    "StaleAnswersError",
 ]

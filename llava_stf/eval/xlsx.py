@@ -7,6 +7,7 @@ cannot hold (control characters other than tab, newline and carriage return) are
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import zipfile
@@ -14,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
+
+from .answers import write_text_atomic
 
 _ILLEGAL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _FILES = {
@@ -81,11 +84,12 @@ def write_xlsx(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
         '<worksheet xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main">'
         f"<sheetData>{''.join(lines)}</sheetData></worksheet>"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, content in _FILES.items():
             archive.writestr(name, content)
         archive.writestr("xl/worksheets/sheet1.xml", sheet)
+    write_text_atomic(path, buffer.getvalue())  # a killed run never leaves half a workbook
 
 
 __all__ = ["column_letter", "write_xlsx"]

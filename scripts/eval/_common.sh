@@ -8,6 +8,10 @@
 #   GPUS                 e.g. 0,1,2,3 (default: CUDA_VISIBLE_DEVICES); one process per listed GPU
 #   CHUNKS               number of processes (default: the number of GPUS, else 1); set it on a CPU machine too
 #   PYTHON               default python
+#
+# <ckpt> in the scripts' comments is the model id: the checkpoint folder's name plus the first 8 hex digits of its
+# content digest (e.g. stage2-1a2b3c4d), or --model-id. Saved answers are reused only when the checkpoint, question
+# file and generation settings match their provenance record; pass --overwrite (without CHUNKS) to answer again.
 set -euo pipefail
 
 run_benchmark() {

@@ -55,7 +55,7 @@ def test_demo_pipeline_checkpoint_eval_chat_and_reuse(demo_out, capsys, monkeypa
 
     run = demo_out / "mbtf_stf-seed0-fast"
     results = json.loads((demo_out / "results" / run.name / "results.json").read_text())
-    metrics = results["benchmarks"]["synthetic"]["metrics"]
+    metrics = results["benchmarks"]["synthetic/questions"]["metrics"]
     questions = (demo_out / "synthetic" / "eval" / "questions.jsonl").read_text().splitlines()
     assert metrics["questions"] == len(questions) == sum(metrics[f"questions_{f}"] for f in FAMILIES)
     answers = (demo_out / "synthetic" / "eval" / "model_answers" / f"{run.name}.jsonl").read_text().splitlines()
@@ -63,8 +63,8 @@ def test_demo_pipeline_checkpoint_eval_chat_and_reuse(demo_out, capsys, monkeypa
     # The blank-image control of the same checkpoint: same questions, its own answers and results.
     assert "blank-image control" in printed and "(blank image" in printed
     blank = json.loads((demo_out / "results" / f"{run.name}-blank" / "results.json").read_text())
-    assert blank["benchmarks"]["synthetic"]["split"] == BLANK_SPLIT
-    assert blank["benchmarks"]["synthetic"]["metrics"]["questions"] == len(questions)
+    assert blank["benchmarks"][f"synthetic/{BLANK_SPLIT}"]["split"] == BLANK_SPLIT
+    assert blank["benchmarks"][f"synthetic/{BLANK_SPLIT}"]["metrics"]["questions"] == len(questions)
     blank_answers = demo_out / "synthetic" / "eval" / "model_answers" / BLANK_SPLIT / f"{run.name}-blank.jsonl"
     assert len(blank_answers.read_text().splitlines()) == len(questions)
 
@@ -76,7 +76,7 @@ def test_demo_pipeline_checkpoint_eval_chat_and_reuse(demo_out, capsys, monkeypa
     # A second run reuses everything; a changed stage-2 setting retrains stage 2 only.
     again = run_pipeline(demo_out, FAST, name=run.name, progress=False)
     assert again.reused == {"stage1": True, "stage2": True} and again.metrics == metrics
-    assert again.blank_metrics == blank["benchmarks"]["synthetic"]["metrics"]
+    assert again.blank_metrics == blank["benchmarks"][f"synthetic/{BLANK_SPLIT}"]["metrics"]
     monkeypatch.chdir(demo_out.parent)  # the same folder named by a relative path is still the same run
     relative = run_pipeline(Path(demo_out.name), FAST, name=run.name, progress=False)
     assert relative.reused == {"stage1": True, "stage2": True}

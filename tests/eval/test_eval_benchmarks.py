@@ -28,15 +28,21 @@ from llava_stf.eval.__main__ import main
 from llava_stf.eval.answers import parts_dir, read_jsonl
 from llava_stf.eval.benchmarks import BENCHMARKS, Options, get_benchmark
 
-MODEL_ID = "llava-stf-tiny"
+MODEL_ID = ""  # the tiny checkpoint's default id (folder name + digest), set by the autouse fixture below
+
+
+@pytest.fixture(autouse=True)
+def _model_id(model_id, monkeypatch) -> None:
+    monkeypatch.setattr(f"{__name__}.MODEL_ID", model_id)
 
 
 def run(benchmark: str, checkpoint: Path, root: Path, *extra: str) -> dict:
-    """``python -m llava_stf.eval`` in process; returns this benchmark's results.json entry (or {})."""
-    argv = ["--benchmark", benchmark, "--model-path", str(checkpoint), "--data-root", str(root)]
-    main([*argv, "--batch-size", "4", "--max-new-tokens", "4", "--no-progress", *extra])
+    """``python -m llava_stf.eval`` in process (errors raised: ``--debug``); this benchmark's results entry or {}."""
+    argv = ["--benchmark", benchmark, "--model-path", str(checkpoint), "--data-root", str(root), "--debug"]
+    assert main([*argv, "--batch-size", "4", "--max-new-tokens", "4", "--no-progress", *extra]) == 0
     results = root / "results" / MODEL_ID / "results.json"
-    return json.loads(results.read_text())["benchmarks"].get(benchmark, {}) if results.is_file() else {}
+    split = next((v for k, v in zip(extra, extra[1:]) if k == "--split"), get_benchmark(benchmark).default_split)
+    return json.loads(results.read_text())["benchmarks"].get(f"{benchmark}/{split}", {}) if results.is_file() else {}
 
 
 def answers_file(benchmark: str, root: Path, **options) -> Path:
@@ -65,7 +71,7 @@ def model_run(benchmark: str, checkpoint: Path, root: Path, questions: int, **op
 
 def test_registry_has_the_nine_benchmarks() -> None:
     assert list(BENCHMARKS) == [
-        "gqa", "sqa", "textvqa", "pope", "mmbench", "mmbench_cn", "vqav2", "vizwiz", "mme", "synthetic"
+        "gqa", "sqa", "textvqa", "pope", "mmbench", "mmbench_cn", "vqav2", "vizwiz", "mme", "synthetic", "vqa"
     ]  # fmt: skip
     with pytest.raises(ValueError, match="unknown benchmark 'coco'; valid benchmarks: gqa, sqa"):
         get_benchmark("coco")

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from llava_stf.errors import UserError
 from llava_stf.eval.answers import PartWriter, parts_dir, read_jsonl
 from llava_stf.eval.engine import (
-    MissingImagesError,
+    ImageCheckError,
     Sample,
     Shard,
     finalize,
@@ -150,16 +151,29 @@ def test_missing_images_are_listed_before_any_model_is_loaded(tmp_path, samples)
     def no_model():
         raise AssertionError("the model must not be loaded")
 
-    with pytest.raises(MissingImagesError, match="2 image") as err:
-        run_shard(samples, tmp_path / "a.jsonl", no_model, model_id="m", settings=SETTINGS, shard=Shard(0, 3))
+    with pytest.raises(ImageCheckError, match="2 image") as err:
+        run_shard(samples, tmp_path / "a.jsonl", no_model, model_id="m", settings=SETTINGS)
     assert str(samples[1].image) in str(err.value) and str(samples[4].image) in str(err.value)
+    with pytest.raises(ImageCheckError, match="1 image") as err:  # a shard checks its own questions only
+        run_shard(samples, tmp_path / "a.jsonl", no_model, model_id="m", settings=SETTINGS, shard=Shard(0, 3))
+    assert str(samples[1].image) in str(err.value) and str(samples[4].image) not in str(err.value)
 
 
-def test_corrupt_image_names_the_file_and_keeps_earlier_answers(tmp_path, samples, generator) -> None:
+def test_corrupt_image_is_named_before_loading_and_during_generation_keeps_answers(
+    tmp_path, samples, generator
+) -> None:
     samples[-1].image.write_bytes(b"not an image")
     answers = tmp_path / "a.jsonl"
-    with pytest.raises(OSError, match=f"question 'q5': cannot read {samples[-1].image}"):
-        _run(samples, answers, generator, batch_size=1)
+
+    def no_model():
+        raise AssertionError("the model must not be loaded")
+
+    with pytest.raises(ImageCheckError, match=f"unreadable_image: '{samples[-1].image}' is not a readable image"):
+        run_shard(samples, answers, no_model, model_id="m", settings=SETTINGS)
+    assert not parts_dir(answers).exists()
+    # A file that breaks after the pre-flight: a named error, the answers generated so far kept.
+    with pytest.raises(ImageCheckError, match=f"question 'q5': cannot read {samples[-1].image}"):
+        _run(samples, answers, generator, batch_size=1, check=False)
     assert 0 < len(_part_lines(answers)) < 6
 
 
@@ -175,7 +189,7 @@ def test_shard_from_env() -> None:
 
 def test_same_chunk_twice_at_once_is_refused(tmp_path) -> None:
     with PartWriter(tmp_path / "a.jsonl", 2, 0):
-        with pytest.raises(RuntimeError, match="another process is writing"):
+        with pytest.raises(UserError, match="another process is writing"):
             PartWriter(tmp_path / "a.jsonl", 2, 0)
 
 

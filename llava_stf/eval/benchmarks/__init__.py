@@ -17,16 +17,18 @@ from .sqa import SQA
 from .synthetic import SYNTHETIC
 from .textvqa import TEXTVQA
 from .vizwiz import VIZWIZ
+from .vqa import VQA
 from .vqav2 import VQAV2
 
 # In the order of the paper's results table (MME last: reported separately, not in the average); then the
-# generated world of ``llava_stf.data.synthetic`` (the demo's benchmark, not a paper column).
+# generated world of ``llava_stf.data.synthetic`` (the demo's benchmark) and any question file of the user's own
+# (``vqa``), neither a paper column.
 BENCHMARKS: Mapping[str, Benchmark] = MappingProxyType(
-    {b.name: b for b in (GQA, SQA, TEXTVQA, POPE, MMBENCH, MMBENCH_CN, VQAV2, VIZWIZ, MME, SYNTHETIC)}
+    {b.name: b for b in (GQA, SQA, TEXTVQA, POPE, MMBENCH, MMBENCH_CN, VQAV2, VIZWIZ, MME, SYNTHETIC, VQA)}
 )
 
-# What ``--benchmark all`` runs: the paper's nine (the generated world has its own data root and is asked for by name).
-PAPER_BENCHMARKS: tuple[str, ...] = tuple(name for name in BENCHMARKS if name != SYNTHETIC.name)
+# What ``--benchmark all`` runs: the paper's nine (the others have their own data and are asked for by name).
+PAPER_BENCHMARKS: tuple[str, ...] = tuple(name for name in BENCHMARKS if name not in (SYNTHETIC.name, VQA.name))
 
 
 def get_benchmark(name: str) -> Benchmark:
@@ -37,4 +39,4 @@ def get_benchmark(name: str) -> Benchmark:
         raise ValueError(f"unknown benchmark {name!r}; valid benchmarks: {', '.join(BENCHMARKS)}") from None
 
 
-__all__ = ["BENCHMARKS", "PAPER_BENCHMARKS", "SYNTHETIC", "Benchmark", "Options", "Result", "get_benchmark"]
+__all__ = ["BENCHMARKS", "PAPER_BENCHMARKS", "SYNTHETIC", "VQA", "Benchmark", "Options", "Result", "get_benchmark"]

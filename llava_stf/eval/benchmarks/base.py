@@ -3,24 +3,35 @@
 A ``Benchmark`` is a frozen spec: where its questions, images and answers live in LLaVA-1.5's ``playground/data/eval``
 layout (haotian-liu/LLaVA ``docs/Evaluation.md`` and ``scripts/v1_5/eval/*.sh``), how many tokens it may generate, and
 ``evaluate``, which reads the ground truth, calls the pure scorers of ``llava_stf.eval.scoring`` and writes the files
-the official tools or servers take. Benchmarks never call the model: ``llava_stf.eval.engine`` does.
+the official tools or servers take. Benchmarks never call the model: ``llava_stf.eval.engine`` does. ``<ckpt>`` in
+the benchmark modules' paths is the model id (folder name + digest, or ``--model-id``).
+
+Loading checks the whole question file before any model loads and reports every problem in one error
+(``QuestionFileError``): lines that are not JSON objects, missing fields and, for benchmarks whose scorers join
+answers on the question id, repeated ids (``7`` and ``"7"`` count as the same id).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..answers import read_jsonl
+from ...errors import UserError
+from ..answers import write_text_atomic
 from ..engine import Sample, sample_keys
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 MULTIPLE_CHOICE = "\nAnswer with the option's letter from the given choices directly."
 MULTIPLE_CHOICE_CN = "\n请直接回答选项字母。"
+QUESTION_FIELDS = ("question_id", "image", "text")  # a LLaVA question line (upstream model_vqa_loader)
+MAX_PROBLEMS = 20  # problems listed in one question-file error
+
+
+class QuestionFileError(UserError):
+    """A question or ground-truth file has malformed lines, missing fields or repeated ids (all listed)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,9 @@ class Options:
 
     split: str | None = None  # question-file stem instead of the benchmark's default (e.g. an MMBench test TSV)
     all_rounds: bool = False  # MMBench: ask every circular rotation of the options (local CircularEval)
+    questions: Path | None = None  # a question file of the user's own (benchmarks with ``takes_files`` only)
+    image_folder: Path | None = None  # where its images are (default: the question file's folder)
+    ground_truth: Path | None = None  # its answers: ``{"question_id", "answer", "category"?}`` lines (optional)
 
 
 @dataclass(frozen=True)
@@ -54,20 +68,47 @@ class Benchmark:
     load: Callable[[Path, str, Options], list[Sample]]  # (benchmark folder, split, options) -> samples
     answers_path: Callable[[Path, str, str], Path]  # (benchmark folder, split, model id) -> final answers file
     evaluate: Callable[[Path, str, Sequence[Mapping[str, Any]], str, Options], Result]  # (folder, split, ...)
+    question_path: Callable[[Path, str], Path] = lambda folder, split: folder / f"{split}.jsonl"  # what it loads
     server: str | None = None  # where the official score comes from when it cannot be computed locally
     notes: Sequence[str] = field(default_factory=tuple)
+    takes_files: bool = False  # honours Options.questions / image_folder / ground_truth (the generic VQA benchmark)
 
     def split(self, options: Options) -> str:
-        return options.split or self.default_split
+        return options.questions.stem if self.takes_files and options.questions else options.split or self.default_split
+
+    def folder_path(self, data_root: Path, options: Options) -> Path:
+        """Its folder: under the data root, or the folder of a question file named in ``options``."""
+        return options.questions.parent if self.takes_files and options.questions else data_root / self.folder
+
+    def question_file(self, data_root: Path, options: Options = Options()) -> Path:
+        """The file its questions come from (what the answers' provenance records a digest of)."""
+        if self.takes_files and options.questions:
+            return options.questions
+        return self.question_path(self.folder_path(data_root, options), self.split(options))
 
     def samples(self, data_root: Path, options: Options = Options()) -> list[Sample]:
-        return self.load(data_root / self.folder, self.split(options), options)
+        return self.load(self.folder_path(data_root, options), self.split(options), options)
 
     def answers_file(self, data_root: Path, model_id: str, options: Options = Options()) -> Path:
-        return self.answers_path(data_root / self.folder, self.split(options), model_id)
+        return self.answers_path(self.folder_path(data_root, options), self.split(options), model_id)
 
     def score(self, data_root: Path, records: Sequence[Mapping[str, Any]], model_id: str, options: Options) -> Result:
-        return self.evaluate(data_root / self.folder, self.split(options), records, model_id, options)
+        return self.evaluate(self.folder_path(data_root, options), self.split(options), records, model_id, options)
+
+    def results_key(self, options: Options) -> str:
+        """Its key in ``results.json``: benchmark and split (for a file of one's own: its full path), so two splits
+        or two question files never overwrite each other."""
+        if self.takes_files and options.questions:
+            return f"{self.name}/{options.questions.resolve()}"
+        return f"{self.name}/{self.split(options)}"
+
+    def table_column(self, options: Options) -> str:
+        """Its results-table column: the paper's for the default split, ``"<column> (<split>)"`` for another,
+        ``"<column> (<folder>/<stem>)"`` for a question file of one's own."""
+        if self.takes_files and options.questions:
+            return f"{self.column} ({options.questions.parent.name}/{options.questions.stem})"
+        split = self.split(options)
+        return self.column if split == self.default_split else f"{self.column} ({split})"
 
 
 def require(path: Path, what: str) -> Path:
@@ -77,16 +118,76 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
-def jsonl_samples(question_file: Path, image_dir: Path) -> list[Sample]:
+def read_records(
+    path: Path, required: Sequence[str], id_field: str | None = "question_id", what: str = "question file"
+) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, checked as a whole: one error lists every problem.
+
+    Args:
+        path: The file.
+        required: Fields every line must have.
+        id_field: A field whose values must be unique (compared as strings, so ``7`` and ``"7"`` clash); None: any.
+        what: What the file is, for messages.
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        QuestionFileError: Listing lines that are not JSON objects, lack fields, or repeat an id.
+    """
+    problems, records, seen = [], [], {}
+    lines = require(path, what).read_bytes().split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            problems.append(f"line {number}: not a JSON line ({err})")
+            continue
+        if not isinstance(record, dict):
+            problems.append(f"line {number}: not a JSON object")
+            continue
+        absent = [k for k in required if record.get(k) is None]
+        if absent:
+            problems.append(f"line {number}: lacks {', '.join(map(repr, absent))}")
+        if id_field and record.get(id_field) is not None:
+            seen.setdefault(str(record[id_field]), []).append((number, record[id_field]))
+        records.append(record)
+    problems += repeated_ids(seen, id_field or "")
+    if problems:
+        raise QuestionFileError(problem_list(path, problems))
+    return records
+
+
+def repeated_ids(seen: Mapping[str, Sequence[tuple[Any, Any]]], field_name: str, where: str = "lines") -> list[str]:
+    """A problem per id seen more than once: ``{str(id): [(line or row, raw id), ...]}``."""
+    return [
+        f"{field_name} {' and '.join(dict.fromkeys(repr(raw) for _, raw in uses))} repeated on {where} "
+        f"{', '.join(str(n) for n, _ in uses)}"
+        for uses in seen.values()
+        if len(uses) > 1
+    ]
+
+
+def problem_list(path: Path, problems: Sequence[str]) -> str:
+    """One message listing (at most ``MAX_PROBLEMS``) problems of ``path``."""
+    more = f"; ... and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""
+    return f"{path}: {len(problems)} problem(s): {'; '.join(problems[:MAX_PROBLEMS])}{more}"
+
+
+def jsonl_samples(
+    question_file: Path,
+    image_dir: Path,
+    unique_ids: bool = True,
+    required: Sequence[str] = QUESTION_FIELDS,
+) -> list[Sample]:
     """Samples of a LLaVA question file: ``{"question_id", "image", "text"}`` per line, the suffix already in text.
 
-    The recorded prompt is the text as given (upstream ``model_vqa_loader``).
+    The recorded prompt is the text as given (upstream ``model_vqa_loader``). ``unique_ids=False`` for benchmarks
+    whose questions share ids on purpose (TextVQA and MME: the image's id); they are told apart by occurrence.
     """
-    questions = read_jsonl(require(question_file, "question file"))
-    for number, q in enumerate(questions, 1):
-        absent = [k for k in ("question_id", "image", "text") if k not in q]
-        if absent:
-            raise ValueError(f"{question_file}: question {number} lacks {absent}: {q}")
+    questions = read_records(question_file, required, "question_id" if unique_ids else None)
+    if not questions:
+        raise QuestionFileError(f"{question_file}: no questions")
     keys = sample_keys(str(q["question_id"]) for q in questions)
     return [
         Sample(key, q["question_id"], q["text"], q["text"], image_dir / q["image"]) for key, q in zip(keys, questions)
@@ -95,10 +196,7 @@ def jsonl_samples(question_file: Path, image_dir: Path) -> list[Sample]:
 
 def write_json(path: Path, data: Any) -> str:
     """Write JSON atomically (temporary file + rename) and return the path as a string."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=None), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=None))
     return str(path)
 
 
@@ -109,12 +207,17 @@ def missing(path: Path, what: str) -> str:
 __all__ = [
     "MULTIPLE_CHOICE",
     "MULTIPLE_CHOICE_CN",
+    "QUESTION_FIELDS",
     "SHORT_ANSWER",
     "Benchmark",
     "Options",
+    "QuestionFileError",
     "Result",
     "jsonl_samples",
     "missing",
+    "problem_list",
+    "read_records",
+    "repeated_ids",
     "require",
     "write_json",
 ]

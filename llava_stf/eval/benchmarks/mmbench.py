@@ -21,7 +21,17 @@ from typing import Any
 from ..engine import InlineImage, Sample, sample_keys
 from ..scoring import mmbench_submission, score_mmbench
 from ..xlsx import write_xlsx
-from .base import MULTIPLE_CHOICE, MULTIPLE_CHOICE_CN, Benchmark, Options, Result, require
+from .base import (
+    MULTIPLE_CHOICE,
+    MULTIPLE_CHOICE_CN,
+    Benchmark,
+    Options,
+    QuestionFileError,
+    Result,
+    problem_list,
+    repeated_ids,
+    require,
+)
 
 OPTION_COLUMNS = ("A", "B", "C", "D")
 SERVER = "OpenCompass MMBench evaluation server (CircularEval)"
@@ -43,9 +53,14 @@ def read_tsv(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
         header = list(reader.fieldnames or [])
     absent = [c for c in ("index", "question", "image", "A") if c not in header]
     if absent:
-        raise ValueError(f"{path}: the MMBench TSV lacks columns {absent}; header: {header}")
-    for row in rows:
+        raise QuestionFileError(f"{path}: the MMBench TSV lacks columns {absent}; header: {header}")
+    seen: dict[str, list[tuple[int, Any]]] = {}
+    for number, row in enumerate(rows, 2):
         row["index"] = int(row["index"]) if str(row["index"]).lstrip("-").isdigit() else row["index"]
+        seen.setdefault(str(row["index"]), []).append((number, row["index"]))
+    problems = repeated_ids(seen, "index")
+    if problems:
+        raise QuestionFileError(problem_list(path, problems))
     return header, rows
 
 
@@ -98,6 +113,7 @@ def _benchmark(name: str, column: str, folder: str, split: str, suffix: str) -> 
         load=lambda path, split, options: _samples(path, split, options, suffix),
         answers_path=_answers,
         evaluate=_evaluate,
+        question_path=lambda folder, split: folder / f"{split}.tsv",
         server=SERVER,
     )
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..answers import write_text_atomic
 from ..engine import Sample
 from ..scoring import score_mme
 from .base import Benchmark, Options, Result, jsonl_samples, missing
@@ -24,7 +25,7 @@ YES_NO = " Please answer yes or no."
 
 
 def _load(folder: Path, split: str, options: Options) -> list[Sample]:
-    return jsonl_samples(folder / f"{split}.jsonl", folder / RELEASE)
+    return jsonl_samples(folder / f"{split}.jsonl", folder / RELEASE, unique_ids=False)  # id: the image path
 
 
 def _answers(folder: Path, split: str, model_id: str) -> Path:
@@ -65,13 +66,12 @@ def _evaluate(
             if (category, file, prompt) not in truth:  # some release questions have two spaces before it
                 prompt = prompt.replace(YES_NO, " " + YES_NO)
         if (category, file, prompt) not in truth:
-            raise KeyError(f"MME: no ground truth for ({category!r}, {file!r}, {prompt!r}) in {release}")
+            raise ValueError(f"MME: no ground truth for ({category!r}, {file!r}, {prompt!r}) in {release}")
         rows.setdefault(category, []).append((file, prompt, truth[(category, file, prompt)], r["text"]))
     files = []
     for category, lines in rows.items():
         out = folder / "eval_tool" / "answers" / model_id / f"{category}.txt"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join("\t".join(line) + "\n" for line in lines), encoding="utf-8")
+        write_text_atomic(out, "".join("\t".join(line) + "\n" for line in lines))
         files.append(str(out))
     metrics = score_mme(
         {"category": c, "image": f, "ground_truth": gt, "prediction": p} for c, ls in rows.items() for f, _, gt, p in ls

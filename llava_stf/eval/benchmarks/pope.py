@@ -16,11 +16,11 @@ from typing import Any
 from ..answers import read_jsonl
 from ..engine import Sample
 from ..scoring import score_pope
-from .base import Benchmark, Options, Result, jsonl_samples, missing, require
+from .base import QUESTION_FIELDS, Benchmark, Options, Result, jsonl_samples, missing, require
 
 
 def _load(folder: Path, split: str, options: Options) -> list[Sample]:
-    return jsonl_samples(folder / f"{split}.jsonl", folder / "val2014")
+    return jsonl_samples(folder / f"{split}.jsonl", folder / "val2014", required=(*QUESTION_FIELDS, "category"))
 
 
 def _answers(folder: Path, split: str, model_id: str) -> Path:

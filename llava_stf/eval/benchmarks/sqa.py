@@ -16,14 +16,41 @@ from typing import Any
 from ...data.conversation import IMAGE_TOKEN
 from ..engine import Sample, sample_keys
 from ..scoring import score_sqa
-from .base import MULTIPLE_CHOICE, Benchmark, Options, Result, missing, require, write_json
+from .base import (
+    MULTIPLE_CHOICE,
+    Benchmark,
+    Options,
+    QuestionFileError,
+    Result,
+    missing,
+    problem_list,
+    repeated_ids,
+    require,
+    write_json,
+)
+
+
+def _questions(folder: Path, split: str) -> Path:
+    return folder / f"{split}.json"
 
 
 def _load(folder: Path, split: str, options: Options) -> list[Sample]:
-    problems = json.loads(require(folder / f"{split}.json", "question file").read_text(encoding="utf-8"))
+    path = require(_questions(folder, split), "question file")
+    try:
+        problems = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise QuestionFileError(f"{path}: not a JSON file ({err})") from None
+    if not isinstance(problems, list):
+        raise QuestionFileError(f"{path}: expected a JSON list of problems")
+    errors, seen = [], {}
     for number, problem in enumerate(problems):
-        if "id" not in problem or not problem.get("conversations"):
-            raise ValueError(f"{folder / split}.json: problem {number} lacks 'id' or 'conversations': {problem}")
+        if not isinstance(problem, dict) or "id" not in problem or not problem.get("conversations"):
+            errors.append(f"problem {number} lacks 'id' or 'conversations'")
+        else:
+            seen.setdefault(str(problem["id"]), []).append((number, problem["id"]))
+    errors += repeated_ids(seen, "id", "problems")
+    if errors:
+        raise QuestionFileError(problem_list(path, errors))
     samples = []
     for key, problem in zip(sample_keys(str(p["id"]) for p in problems), problems):
         question = problem["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip() + MULTIPLE_CHOICE
@@ -61,4 +88,5 @@ SQA = Benchmark(
     load=_load,
     answers_path=_answers,
     evaluate=_evaluate,
+    question_path=_questions,
 )

@@ -19,7 +19,7 @@ from .base import Benchmark, Options, Result, jsonl_samples, missing
 
 
 def _load(folder: Path, split: str, options: Options) -> list[Sample]:
-    return jsonl_samples(folder / f"{split}.jsonl", folder / "train_images")
+    return jsonl_samples(folder / f"{split}.jsonl", folder / "train_images", unique_ids=False)  # id: the image's
 
 
 def _answers(folder: Path, split: str, model_id: str) -> Path:

@@ -6,6 +6,7 @@ Conventions: accuracy-type results are in percent (0-100, as reported in papers)
 per task); every function fails loudly (ValueError/KeyError naming both sides) instead of silently dropping samples.
 """
 
+from .exact_match import score_exact_match
 from .gqa import gqa_prediction, gqa_prediction_rows, score_gqa
 from .mmbench import parse_mmbench_letter, score_mmbench
 from .mme import MME_COGNITION_TASKS, MME_PERCEPTION_TASKS, mme_task_metrics, parse_mme_answer, score_mme
@@ -29,6 +30,7 @@ __all__ = [
     "parse_sqa_answer",
     "pope_metrics",
     "pope_yes_no",
+    "score_exact_match",
     "score_gqa",
     "score_mmbench",
     "score_mme",
