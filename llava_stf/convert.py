@@ -24,7 +24,6 @@ names), and every expected failure is one ``error:`` line with exit status 1 (``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import secrets
@@ -49,7 +48,7 @@ from transformers import (
 )
 
 from .errors import UserError, add_debug_flag, run_main
-from .loading import check_checkpoint
+from .loading import check_checkpoint, read_json_object
 from .model import LlavaStfForConditionalGeneration, LlavaStfProcessor
 from .model.builder import prepare_tokenizer
 from .model.conversion import (
@@ -87,23 +86,6 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``, or ``None`` when there is no such file.
-
-    Raises:
-        UserError: The file is not a readable JSON object.
-    """
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is not a readable JSON file: {_first_line(err)}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object")
-    return data
-
-
 def load_tensors(path: Path) -> StateDict:
     """One safetensors or ``torch.save`` file (``weights_only=True``: tensors only, no pickled code).
 
@@ -129,7 +111,7 @@ def load_weights(folder: Path) -> StateDict:
     name = next((n for n in WEIGHT_FILES if (folder / n).is_file()), None)
     if name is None:
         raise UserError(f"no weights in {folder}: looked for {', '.join(WEIGHT_FILES)}")
-    index = read_json(folder / name) if name.endswith(".index.json") else None
+    index = read_json_object(folder / name) if name.endswith(".index.json") else None
     if index is not None and not isinstance(index.get("weight_map"), dict):
         raise UserError(f"{folder / name} has no weight_map")
     files = sorted(set(index["weight_map"].values())) if index else [name]
@@ -253,7 +235,7 @@ def read_source_config(source: str, src: Path) -> dict[str, Any]:
     if not src.is_dir():
         hint = " (an mm_projector.bin converts with --projector-only)" if src.suffix in (".bin", ".safetensors") else ""
         raise UserError(f"{src} is a file, not a checkpoint folder{hint}")
-    config = read_json(src / "config.json")
+    config = read_json_object(src / "config.json")
     if config is None:
         raise UserError(f"{src} is not a checkpoint folder: no config.json")
     model_type = config.get("model_type")
@@ -339,7 +321,7 @@ def convert_checkpoint(
         model = LlavaStfForConditionalGeneration(config)
     model.load_state_dict(converted, strict=True, assign=True)
     model.generation_config, notes = greedy_generation_config(
-        read_json(src / "generation_config.json"), src_config, tokenizer.pad_token_id
+        read_json_object(src / "generation_config.json"), src_config, tokenizer.pad_token_id
     )
     image_processor, pads = load_image_processor(tower, config.vision_config.image_size)
     source_mode = ("pad" if pads else "square") if source == "llava-hf" else image_aspect_ratio(src_config)

@@ -23,6 +23,7 @@ WEIGHT_FILES = (
 )
 QUANTIZED_BITS = (4, 8)  # load_checkpoint(load_in_bits=...) with bitsandbytes on a CUDA device
 NOT_QUANTIZED = ["vision_tower", "multi_modal_projector", "lm_head"]  # kept in ``dtype`` when quantizing the LLM
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # --dtype names
 
 
 def default_device() -> torch.device:
@@ -40,7 +41,7 @@ def check_checkpoint(path: str | Path) -> None:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
-    config = _read_json(path / "config.json")
+    config = read_json_object(path / "config.json")
     if config is None:
         hint = (
             " (it holds a LoRA adapter: use the merged model its training run saved)"
@@ -58,20 +59,24 @@ def check_checkpoint(path: str | Path) -> None:
             f"{path} has a llava_stf config but no model weights ({', '.join(WEIGHT_FILES)}); a stage-1 output "
             "holds only the projector: use a stage-2 output or a converted checkpoint"
         )
-    processor = _read_json(path / "processor_config.json")
+    processor = read_json_object(path / "processor_config.json")
     if processor is None or processor.get("processor_class") != "LlavaStfProcessor":
         found = "none" if processor is None else repr(processor.get("processor_class"))
         raise ValueError(f"{path} has no LlavaStfProcessor saved in processor_config.json (found: {found})")
 
 
-def _read_json(file: Path) -> dict | None:
-    """The JSON object in ``file``; ``None`` when there is no such file; ``ValueError`` when it is not valid JSON."""
+def read_json_object(file: Path) -> dict | None:
+    """The JSON object in ``file``; ``None`` when there is no such file; ``ValueError`` when it is not valid JSON.
+
+    One reader for the config files of checkpoints (here and in ``llava_stf.convert``).
+    """
     if not file.is_file():
         return None
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{file} is not a readable JSON file: {err}") from None
+        reason = (str(err) or repr(err)).splitlines()[0]
+        raise ValueError(f"{file} is not a readable JSON file: {reason}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{file} does not hold a JSON object")
     return data

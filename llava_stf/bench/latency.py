@@ -15,8 +15,6 @@ resident weights; on CPU it is not measured.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import statistics
 from dataclasses import dataclass
 
@@ -26,10 +24,9 @@ from transformers import LogitsProcessorList
 from ..flops import count_flops
 from ..model import LlavaStfConfig
 from .timing import Clock, prefill
-from .variants import SIZES, base_config, build
+from .variants import DTYPES, add_shape_arguments, base_config, build, write_json
 
 VARIANTS = ["mlp2x_gelu", "mbtf_stf", "mlp2x_gelu+prumerge", "mlp2x_gelu+prumerge_plus", "mlp2x_gelu+fastv"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -85,10 +82,7 @@ def measure(base: LlavaStfConfig, args, device: torch.device) -> list[Row]:
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=VARIANTS, help="projector[+reducer]; the first is the base")
-    parser.add_argument("--preset", default=None, help="real shapes from configs/model (e.g. llava-v1.5-7b)")
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu", help="shapes when no preset is given")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--device", default="cpu")
+    add_shape_arguments(parser, "cpu")
     for name, default in [("text-tokens", 40), ("new-tokens", 16), ("repeats", 3), ("threads", 0), ("batch", 1)]:
         parser.add_argument(f"--{name}", type=int, default=default)  # threads: CPU threads (1 is steadier when shared)
     parser.add_argument("--json", default=None, help="also write the rows (and the run's settings) to this file")
@@ -111,10 +105,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         cells += [f"{t['llm']:.1f}", f"{speedup:.2f}", f"{flops:.2f}", f"{speedup / flops:.0%}"]
         cells += [f"{t['projector'] / t['prefill']:.1%}", f"{r.decode_tps:.1f}", f"{r.kv_bytes / 2**20:.2f}", peak]
         print(("{:26}" + "{:>8}" * len(cells)).format(r.spec, *cells))
-    if args.json:
-        settings = {k: v for k, v in vars(args).items() if k != "json"}
-        with open(args.json, "w") as f:
-            json.dump({"settings": settings, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+    write_json(args.json, args, rows)
     return rows
 
 

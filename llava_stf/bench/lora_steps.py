@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 
 import torch
 
 from ..model import LlavaStfForConditionalGeneration
 from ..train.stages import apply_stage, get_stage, wrap_lora
-from .latency import DTYPES
-from .variants import SIZES, base_config, variant_config
+from .variants import DTYPES, add_shape_arguments, base_config, variant_config, write_json
 
 
 def sync(device: torch.device) -> float:
@@ -77,10 +75,7 @@ def measure(spec: str, args, device: torch.device, dtype: torch.dtype) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--projectors", nargs="+", default=["mlp2x_gelu", "mbtf_stf"], help="the first is the base")
-    parser.add_argument("--preset", default=None, help="real shapes from the model presets (e.g. llava-v1.5-7b)")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="shapes when no preset is given")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--device", default="cpu")
+    add_shape_arguments(parser, "tiny")
     for name, default in [("batch", 8), ("text-tokens", 128), ("steps", 4), ("warmup", 2), ("lora-r", 128)]:
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
@@ -97,9 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ratio = r["samples_per_s"] / rows[0]["samples_per_s"]
         print(f"{r['projector']:12} {r['image_tokens']:>7} {r['samples_per_s']:>10.2f} {r['tokens_per_s']:>10.0f} "
               f"{peak:>9} {ratio:>6.2f}x")  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"settings": vars(args), "rows": rows}, f, indent=1)
+    write_json(args.json, args, rows)
     return rows
 
 

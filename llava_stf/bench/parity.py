@@ -13,12 +13,10 @@ at some rate; the checks exist to catch systematic breaks (0 %), which padding o
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from .latency import DTYPES
-from .variants import SIZES, base_config, build
+from .variants import DTYPES, add_shape_arguments, base_config, build, write_json
 
 VARIANTS = ["mlp2x_gelu", "mbtf_stf", "mlp2x_gelu+fastv"]
 
@@ -80,10 +78,7 @@ def measure(model, config, args, device, dtype) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=VARIANTS, help="projector[+reducer] (no adaptive reducer)")
-    parser.add_argument("--preset", default=None, help="real shapes from the model presets (e.g. llava-v1.5-7b)")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="shapes when no preset is given")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--device", default="cpu")
+    add_shape_arguments(parser, "tiny")
     for name, default in [("prompts", 8), ("new-tokens", 8), ("text-tokens", 24), ("threads", 0)]:
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
@@ -102,9 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         print(f"{r['variant']:24} {r['max_abs_logit_diff_sdpa_eager']:>23.4g} {r['tokens_equal_sdpa_eager']:>24.0%} "
               f"{r['tokens_equal_batch_vs_single']:>13.0%} {r['tokens_equal_cache_vs_none']:>11.0%}")  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"settings": vars(args), "rows": rows}, f, indent=1)
+    write_json(args.json, args, rows)
     return rows
 
 

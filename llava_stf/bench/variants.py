@@ -8,12 +8,17 @@ shared parameter tensors.
 
 from __future__ import annotations
 
+import argparse
+import json
+from dataclasses import asdict, is_dataclass
+
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig
 
 from ..model import LlavaStfConfig, LlavaStfForConditionalGeneration, build_projector
 from ..model.presets import load_preset
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = {  # image, patch, vision hidden / layers, LLM hidden / FFN / layers / heads
     "cpu": (336, 14, 256, 24, 1024, 2752, 32, 16),  # LLaVA-1.5-7B with every width / 4 (same depths and grid)
     "tiny": (32, 4, 32, 9, 64, 128, 4, 4),
@@ -63,3 +68,19 @@ def build(base: LlavaStfConfig, specs: list[str], device: torch.device, dtype: t
         model.model.multi_modal_projector.reset_parameters()
         models.append((spec, config, model.eval()))
     return models
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, size: str) -> None:
+    """``--preset``, ``--size`` (default ``size``), ``--dtype``, ``--device``: what every benchmark here takes."""
+    parser.add_argument("--preset", default=None, help="real shapes from the model presets (e.g. llava-v1.5-7b)")
+    parser.add_argument("--size", choices=sorted(SIZES), default=size, help="shapes when no preset is given")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", default="cpu")
+
+
+def write_json(path: str | None, args: argparse.Namespace, rows: list) -> None:
+    """The run's settings and rows as JSON (for ``bench.gpu_check``); nothing when ``path`` is ``None``."""
+    if path:
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        with open(path, "w") as f:
+            json.dump({"settings": settings, "rows": [asdict(r) if is_dataclass(r) else r for r in rows]}, f, indent=1)

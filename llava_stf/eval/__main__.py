@@ -32,7 +32,7 @@ import torch
 from ..data.images import ImageLimits
 from ..errors import EXPECTED, UserError, add_debug_flag, run_main
 from ..generation import GenerationSettings, Generator, default_device, load_checkpoint
-from ..loading import check_checkpoint
+from ..loading import DTYPES, check_checkpoint
 from ..provenance import Provenance, checkpoint_digest, file_digest, short
 from .answers import has_answers, read_provenance, write_provenance
 from .benchmarks import BENCHMARKS, PAPER_BENCHMARKS, VQA, Benchmark, Options, Result, get_benchmark
@@ -50,7 +50,6 @@ from .engine import (
 from .results import PAPER_ROWS, format_table, load_results, results_file, table_row, update_results
 
 logger = logging.getLogger("llava_stf.eval")
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def model_id_from_path(path: str | Path) -> str:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..data.conversation import IMAGE_TOKEN
 from ..generation import GenerationSettings, Generator, Request
+from ..loading import DTYPES
 from . import LMMS_EVAL_INSTALL_HINT
 
 try:
@@ -46,7 +47,6 @@ else:
     _LMMS_IMPORT_ERROR = None
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's llava / llava_hf default when a task sets no max_new_tokens
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ALWAYS_IGNORED = frozenset({"do_sample", "use_cache", "image_aspect_ratio"})  # lmms-eval samples iff temperature > 0
 SAMPLING_ONLY = frozenset({"top_p", "top_k"})  # cannot change a greedy answer
 GREEDY_VALUES = {"num_beams": 1, "repetition_penalty": 1}  # key: the value that leaves greedy decoding unchanged

@@ -43,10 +43,10 @@ from PIL import Image
 from ..data.images import IMAGE_TOO_LARGE, ImageLimits
 from ..errors import DEBUG_ENV, UserError, debug_requested, run_main
 from ..generation import GenerationSettings, Generator, check_checkpoint, default_device, load_checkpoint
+from ..loading import DTYPES
 from .chat import ChatError, ChatSession
 from .images import DEFAULT_TIMEOUT, ImageSourceError, open_image_source
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 USER, ASSISTANT = "USER: ", "ASSISTANT: "
 LIMIT_FLAGS = "--max-image-bytes, --max-image-pixels, --max-aspect-ratio"
 
