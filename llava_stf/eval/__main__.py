@@ -63,6 +63,13 @@ def default_model_id(path: str | Path, digest: str) -> str:
     return f"{model_id_from_path(path)}-{short(digest)}"
 
 
+def model_identity(args: argparse.Namespace) -> tuple[Path, str, str]:
+    """``(checkpoint path, its content digest, model id)`` of the first ``--model-path`` (``--model-id`` wins)."""
+    model_path = args.model_path[0]
+    digest = checkpoint_digest(model_path)
+    return model_path, digest, args.model_id[0] if args.model_id else default_model_id(model_path, digest)
+
+
 class LazyGenerator:
     """Loads the checkpoint on first use only, so runs with nothing left to answer never load a model."""
 
@@ -230,8 +237,7 @@ def evaluate(
     if args.overwrite and shard.count > 1:
         raise UserError("--overwrite deletes every chunk's answers; run it once without chunks first")
     check_checkpoint(model_path)
-    digest = checkpoint_digest(model_path)
-    model_id = args.model_id[0] if args.model_id else default_model_id(model_path, digest)
+    model_path, digest, model_id = model_identity(args)
     load = load or LazyGenerator(model_path, _device(args), DTYPES.get(args.dtype))
     image_limits(args)  # bad limits are an error before anything else
     jobs = plan(args, benches, model_id, digest, load, shard, replace_stale)
@@ -347,9 +353,7 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 
 def _record(args: argparse.Namespace) -> None:
-    model_path = args.model_path[0]
-    digest = checkpoint_digest(model_path)
-    model_id = args.model_id[0] if args.model_id else default_model_id(model_path, digest)
+    model_path, digest, model_id = model_identity(args)
     options = Options(split=args.split)
     for item in args.record:
         name, _, score = item.partition("=")
