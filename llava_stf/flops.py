@@ -5,10 +5,12 @@
 - **full prefill**: visual + text tokens through the LLM, plus the vision encoder, the projector, the token reducer's
   own work and the LM head on the last position (what ``generate`` computes at prefill), each part shown.
 
-Token reducers (``--reducer``): FastV follows its paper's formula ``K f(n) + (L - K) f(n - dropped)`` and reports the
-layer-averaged "equivalent tokens"; PruMerge's count is adaptive (decided per image at run time), so a count must be
-assumed: by default the published average (32 of 576 tokens, PruMerge+: 144 of 576, plus the extra token), or
-``--reducer-tokens``. FLOPs = 2 x multiply-accumulates throughout; softmax, norms, RoPE and lookups are ignored.
+Token reducers (``--reducer``) are counted from their own answers (``model.reducers.base.Reducer``): the image tokens
+that enter the LLM, the per-layer schedule of image tokens inside it (FastV: ``K f(n) + (L - K) f(kept)``, multi-stage
+schedules alike; the layer-averaged "equivalent tokens" are reported) and their own scoring / merging work. An
+adaptive count (PruMerge) is decided per image at run time, so a count must be assumed: by default the published
+average (32 of 576 tokens, PruMerge+: 144 of 576, plus the extra token), or ``--reducer-tokens``. FLOPs = 2 x
+multiply-accumulates throughout; softmax, norms, RoPE and lookups are ignored.
 The report on presets: ``python -m llava_stf.bench.flops``.
 """
 
@@ -21,15 +23,7 @@ from torch import nn
 
 from .model import LlavaStfConfig
 from .model.modeling_llava_stf import build_projector
-from .model.reducers import (
-    FastV,
-    PruMerge,
-    equivalent_tokens,
-    fastv_score_macs,
-    get_reducer_class,
-    kept_image_tokens,
-    prumerge_macs,
-)
+from .model.reducers import MacDims, get_reducer_class
 
 
 def decoder_layer_macs(n: int, hidden: int, ffn: int, kv_hidden: int | None = None, ffn_mats: int = 3) -> int:
@@ -116,34 +110,47 @@ def assumed_selected(config: LlavaStfConfig) -> int:
     return round(get_reducer_class(config.reducer_type).assumed_keep_ratio * grid_h * grid_w)
 
 
+def schedule_macs(schedule: list[tuple[int, int]], text_tokens: int, text_config) -> int:
+    """LLM MACs of a per-layer schedule ``[(first_layer, image tokens), ...]`` plus ``text_tokens`` in every layer."""
+    bounds = [layer for layer, _ in schedule[1:]] + [text_config.num_hidden_layers]
+    return sum(llm_macs(n + text_tokens, text_config, end - start) for (start, n), end in zip(schedule, bounds))
+
+
 def count_flops(config: LlavaStfConfig, text_tokens: int = 0, reducer_tokens: int | None = None) -> FlopsReport:
-    """Prefill FLOPs; ``reducer_tokens`` is the PruMerge count to assume (``None``: the published average)."""
-    text, n_img = config.text_config, config.num_image_tokens
-    layers, reducer_macs, proj = text.num_hidden_layers, 0, projector_macs(config)
+    """Prefill FLOPs; ``reducer_tokens`` is the adaptive (PruMerge) count to assume (``None``: published average)."""
+    text, layers = config.text_config, config.text_config.num_hidden_layers
+    n_img, proj, reducer_macs = config.num_image_tokens, projector_macs(config), 0
+    schedule = [(0, n_img)]
     reducer = get_reducer_class(config.reducer_type) if config.reducer_type else None
-    paper, llm, eq = llm_macs(n_img, text), llm_macs(n_img + text_tokens, text), float(n_img)
-    if reducer is not None and issubclass(reducer, PruMerge):
-        selected = assumed_selected(config) if reducer_tokens is None else reducer_tokens
-        n_img = eq = selected + 1
-        vision, shapes = config.vision_config, config.projector_shapes()
-        reducer_macs = prumerge_macs(shapes.grid_h * shapes.grid_w, vision.hidden_size, shapes.in_channels, selected)
-        paper, llm, proj = llm_macs(n_img, text), llm_macs(n_img + text_tokens, text), projector_macs(config, n_img)
-    elif reducer is FastV:
-        params = config.reducer_params()
-        k, kept = min(params.k, layers), kept_image_tokens(n_img, params.r)
-        paper = llm_macs(n_img, text, k) + llm_macs(kept, text, layers - k)
-        llm = llm_macs(n_img + text_tokens, text, k) + llm_macs(kept + text_tokens, text, layers - k)
-        eq = equivalent_tokens(n_img, kept, k, layers)
-        if k < layers and kept < n_img:
-            reducer_macs = fastv_score_macs(n_img + text_tokens, text.hidden_size, kv_width(text))
+    if reducer is not None:
+        params, shapes = config.reducer_params(), config.reducer_shapes()
+        if reducer.adaptive:
+            n_img = (assumed_selected(config) if reducer_tokens is None else reducer_tokens) + 1
+        if reducer.stage == "vision":
+            proj = projector_macs(config, n_img)
+        schedule = reducer.llm_schedule(params, shapes, n_img)
+        vision, heads = config.vision_config, config.text_config.num_attention_heads
+        dims = MacDims(
+            vision_hidden=vision.hidden_size,
+            vision_heads=vision.num_attention_heads,
+            feature_channels=config.projector_shapes().in_channels,
+            text_hidden=text.hidden_size,
+            text_kv_hidden=kv_width(text),
+            text_heads=heads,
+            text_tokens=text_tokens,
+            image_tokens=n_img,
+        )
+        reducer_macs = reducer.own_macs(params, shapes, dims)
+    bounds = [layer for layer, _ in schedule[1:]] + [layers]
+    eq = sum(n * (end - start) for (start, n), end in zip(schedule, bounds)) / layers
     return FlopsReport(
         image_tokens=n_img,
         text_tokens=text_tokens,
         equivalent_tokens=eq,
-        paper=2 * paper,
+        paper=2 * schedule_macs(schedule, 0, text),
         vision=2 * vision_macs(config.vision_config),
         projector=2 * proj,
         reducer=2 * reducer_macs,
-        llm=2 * llm,
+        llm=2 * schedule_macs(schedule, text_tokens, text),
         lm_head=2 * text.hidden_size * text.vocab_size,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Reducer, ReducerConfigError, ReducerParams, ReducerShapes
+from .base import MacDims, Reducer, ReducerConfigError, ReducerParams, ReducerShapes, VisionReducer, check_budget
 from .fastv import FastV, FastVParams, equivalent_tokens, fastv_score_macs, kept_image_tokens
 from .language_model import DropState, DropView, LLMReducer, TokenDropLlamaModel, install_llm_reducer
 from .prumerge import PruMerge, PruMergeParams, PruMergePlus, PruMergePlusParams, prumerge_macs
@@ -37,6 +37,12 @@ def reducer_params(name: str, kwargs: dict[str, Any] | None, shapes: ReducerShap
     return params
 
 
+def budget_kwargs(name: str, tokens: int, shapes: ReducerShapes) -> dict[str, Any]:
+    """``name``'s settings for a budget of ``tokens`` image tokens (its paper's mapping), checked against ``shapes``."""
+    kwargs = get_reducer_class(name).budget_kwargs(name, tokens, shapes)
+    return reducer_params(name, kwargs, shapes).to_kwargs()
+
+
 def build_reducer(name: str | None, kwargs: dict[str, Any] | None, shapes: ReducerShapes) -> Reducer | None:
     """The reducer called ``name`` (validated), or ``None`` when ``name`` is ``None``."""
     if name is None:
@@ -51,6 +57,7 @@ __all__ = [
     "FastV",
     "FastVParams",
     "LLMReducer",
+    "MacDims",
     "PruMerge",
     "PruMergeParams",
     "PruMergePlus",
@@ -60,7 +67,10 @@ __all__ = [
     "ReducerParams",
     "ReducerShapes",
     "TokenDropLlamaModel",
+    "VisionReducer",
+    "budget_kwargs",
     "build_reducer",
+    "check_budget",
     "equivalent_tokens",
     "fastv_score_macs",
     "get_reducer_class",

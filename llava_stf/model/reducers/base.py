@@ -3,16 +3,21 @@
 A reducer is parameter-free (``nn.Module`` with no weights, so checkpoints are unchanged) and acts in one of two
 stages, named by its ``stage``:
 
-- ``"vision"``: between the vision tower and the projector, inside the model's public ``get_image_features``. It
-  receives the selected patch features ``[B, N, C_in]`` plus the hidden state a chosen encoder block consumes, and
-  returns a variable number of tokens per image (``adaptive``). Whoever writes the prompt writes each image's exact
-  count of placeholders (``llava_stf.generation.Generator`` and the trainer do; see ``data/placeholders.py``).
+- ``"vision"``: between the vision tower and the projector, inside the model's public ``get_image_features``
+  (:class:`VisionReducer`). It receives the selected patch features ``[B, N, C_in]`` plus the hidden state a chosen
+  encoder block consumes, and returns a fixed number of tokens per image, or a variable one (``adaptive``: then whoever
+  writes the prompt writes each image's exact count of placeholders; ``llava_stf.generation.Generator`` and the
+  trainer do, see ``data/placeholders.py``).
 - ``"llm"``: inside the language model, which really removes image tokens from its hidden states at some layers
   (see :mod:`.language_model`).
 
 A reducer never sees the model config: it is built from its ``Params`` (``config.reducer_kwargs``) and a
 :class:`ReducerShapes` the config derives, as projectors get ``ProjectorShapes``. Bad values raise
 :class:`ReducerConfigError` naming the field, and so do projector / tower combinations that cannot work.
+
+Every reducer also answers, without weights: its token count (``image_tokens``), the settings for a token budget
+(``budget_kwargs``: one ``--tokens`` knob for every method), its per-layer schedule of image tokens in the LLM
+(``llm_schedule``) and its own multiply-accumulates (``own_macs``); ``llava_stf.flops`` counts FLOPs from these.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 
@@ -79,6 +85,20 @@ def check_fraction(name: str, value: Any) -> None:
         raise ReducerConfigError(f"reducer_kwargs.{name} must be a number in [0, 1], got {value!r}")
 
 
+@dataclass(frozen=True)
+class MacDims:
+    """Widths a reducer's own multiply-accumulate count may need (one image, one prompt; see ``Reducer.own_macs``)."""
+
+    vision_hidden: int  # width of one vision hidden state (1024 for CLIP ViT-L)
+    vision_heads: int  # attention heads of a vision block
+    feature_channels: int  # C_in: what the projector receives per patch (vision layers concatenated)
+    text_hidden: int  # LLM width
+    text_kv_hidden: int  # LLM K/V width (head_dim x key/value heads)
+    text_heads: int  # LLM attention heads
+    text_tokens: int  # text tokens of the prompt
+    image_tokens: int  # image tokens entering the LLM (after a vision-side reducer)
+
+
 class Reducer(nn.Module):
     """Base class: subclasses set ``Params`` and ``stage`` and implement their stage's methods.
 
@@ -104,3 +124,98 @@ class Reducer(nn.Module):
     def image_tokens(cls, params: ReducerParams, shapes: ReducerShapes) -> int:
         """Image tokens per image that reach the LLM input (an upper bound when ``adaptive``)."""
         return shapes.projector_tokens
+
+    # ------------------------------------------------------------------------------------- budget and FLOPs
+    @classmethod
+    def budget_kwargs(cls, reducer_type: str, tokens: int, shapes: ReducerShapes) -> dict[str, Any]:
+        """The settings that give ``tokens`` image tokens, mapped as the method's paper does (one knob for all).
+
+        Vision-side reducers: the tokens that enter the LLM. In-LLM reducers: see each one's docstring (single-stage
+        ones keep ``tokens`` after their drop layer; multi-stage ones follow their papers' per-budget schedules).
+        The result goes into ``reducer_kwargs`` and is checked like any other setting.
+        """
+        raise ReducerConfigError(f"reducer_type '{reducer_type}' has no token budget (its count is adaptive)")
+
+    @classmethod
+    def llm_schedule(cls, params: ReducerParams, shapes: ReducerShapes, image_tokens: int) -> list[tuple[int, int]]:
+        """``[(first_layer, image tokens from that layer on), ...]`` from layer 0, ascending: what FLOPs count.
+
+        ``image_tokens`` enter the LLM. Vision-side reducers keep the default (one stage); in-LLM ones list every
+        stage, recycled or merged tokens included.
+        """
+        return [(0, image_tokens)]
+
+    @classmethod
+    def own_macs(cls, params: ReducerParams, shapes: ReducerShapes, dims: MacDims) -> int:
+        """Multiply-accumulates of the reducer's own work (scoring, merging) for one image and prompt."""
+        return 0
+
+
+def check_budget(reducer_type: str, tokens: Any, available: int) -> int:
+    """``tokens`` as a budget between 1 and ``available`` image tokens, or an error naming the budget."""
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= available:
+        raise ReducerConfigError(
+            f"token budget {tokens!r} for reducer_type '{reducer_type}' must be an integer in 1..{available} "
+            f"(the image tokens it reduces)"
+        )
+    return tokens
+
+
+# ------------------------------------------------------------------------------------------ vision side
+
+
+class VisionReducer(Reducer):
+    """Base of reducers between the vision tower and the projector (``stage = "vision"``).
+
+    The model calls ``forward(features, attn_input, block)`` inside ``get_image_features``: ``features`` are the
+    selected patch features ``[B, N, C_in]`` (what the projector would receive), ``attn_input`` the hidden state
+    ``[B, N + 1, C]`` (CLS first) that encoder block ``block`` consumes (``block_index`` chooses it; reducers that
+    score with CLS attention recompute it from that block's own ``q_proj`` / ``k_proj``). It returns
+    ``(tokens [B, M, C_in], valid [B, M])``: each image's tokens, padded to the batch maximum, ``valid`` a prefix of
+    each row. A non-``adaptive`` reducer returns exactly ``image_tokens(params, shapes)`` tokens for every image.
+    """
+
+    stage = "vision"
+    needs_cls: ClassVar[bool] = False  # scores with CLS attention: needs a CLIP tower and CLS dropped for the projector
+
+    def block_index(self, depth: int) -> int:
+        """Index of the scoring block (and of its input in ``hidden_states``) for ``depth`` blocks: ``attn_layer``
+        of the settings when they have one, else the last block (hidden state -2, LLaVA's feature layer)."""
+        return getattr(self.params, "attn_layer", -2) % (depth + 1)
+
+    def forward(
+        self, features: torch.Tensor, attn_input: torch.Tensor, block: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def check_model(cls, reducer_type: str, shapes: ReducerShapes) -> None:
+        """The projector / tower combinations a vision-side reducer can work with (call from ``check``)."""
+        if not shapes.projector_per_patch:
+            raise ReducerConfigError(
+                f"reducer_type '{reducer_type}' passes a reduced set of patch tokens to the projector, so it needs a "
+                f"projector that maps each patch to one token; projector_type '{shapes.projector}' merges the "
+                f"{shapes.grid_h}x{shapes.grid_w} patch grid (use mlp2x_gelu or mbtf)"
+            )
+        if cls.needs_cls and not shapes.drops_cls:
+            raise ReducerConfigError(
+                f"reducer_type '{reducer_type}' scores patches by CLS attention, so vision_feature_select_strategy "
+                "must be 'default' (CLS dropped)"
+            )
+        if cls.needs_cls and shapes.vision_model_type != "clip_vision_model":
+            raise ReducerConfigError(
+                f"reducer_type '{reducer_type}' needs a CLIP vision tower (a CLS token and CLIP encoder blocks); "
+                f"vision_config.model_type is {shapes.vision_model_type!r}"
+            )
+
+    @staticmethod
+    def check_attn_layer(params: ReducerParams, shapes: ReducerShapes) -> None:
+        """``params.attn_layer`` must name a hidden state that an encoder block consumes."""
+        depth = shapes.num_vision_blocks
+        layer = params.attn_layer
+        in_range = isinstance(layer, int) and not isinstance(layer, bool) and -(depth + 1) <= layer <= depth
+        if not in_range or layer % (depth + 1) == depth:
+            raise ReducerConfigError(
+                f"reducer_kwargs.attn_layer={layer} names no hidden state consumed by an encoder block "
+                f"(with {depth} blocks: {-(depth + 1)}..{depth - 1}, except -1, the final output)"
+            )

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from .base import ReducerConfigError, ReducerParams, ReducerShapes, check_fraction, check_int
+from .base import MacDims, ReducerConfigError, ReducerParams, ReducerShapes, check_budget, check_fraction, check_int
 from .language_model import DropView, LLMReducer
 
 # Decoders whose layers follow transformers' Llama layout (input_layernorm, self_attn.{q,k}_proj, RoPE).
@@ -50,6 +50,27 @@ class FastV(LLMReducer):
                 f"reducer_type '{reducer_type}' runs inside a Llama-style decoder; text_config.model_type is "
                 f"{shapes.text_model_type!r} (supported: {list(SUPPORTED_LLMS)})"
             )
+
+    @classmethod
+    def budget_kwargs(cls, reducer_type: str, tokens: int, shapes: ReducerShapes) -> dict:
+        """``tokens`` image tokens kept after layer ``K = 2`` (the paper's setting): ``R = 1 - tokens / n``."""
+        n = shapes.projector_tokens
+        return {"k": 2, "r": 1.0 - check_budget(reducer_type, tokens, n) / n}
+
+    @classmethod
+    def llm_schedule(cls, params: FastVParams, shapes: ReducerShapes, image_tokens: int) -> list[tuple[int, int]]:
+        """All ``n`` image tokens in layers ``0 .. K-1``, ``round((1 - R) n)`` from layer ``K`` on."""
+        kept = kept_image_tokens(image_tokens, params.r)
+        if params.k >= shapes.num_text_layers or kept == image_tokens:
+            return [(0, image_tokens)]
+        return [(0, image_tokens), (params.k, kept)]
+
+    @classmethod
+    def own_macs(cls, params: FastVParams, shapes: ReducerShapes, dims: MacDims) -> int:
+        """One ranking at layer ``K - 1`` over the prompt (nothing when nothing is dropped)."""
+        if len(cls.llm_schedule(params, shapes, dims.image_tokens)) == 1:
+            return 0
+        return fastv_score_macs(dims.image_tokens + dims.text_tokens, dims.text_hidden, dims.text_kv_hidden)
 
     def drop_layers(self) -> list[int]:
         """``[K]``, or nothing when nothing is pruned (K >= layers or R == 0)."""

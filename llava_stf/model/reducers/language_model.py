@@ -62,8 +62,12 @@ class LLMReducer(Reducer):
         """Ascending layers that see a shorter sequence than the one before (each >= 1); empty: a no-op."""
         raise NotImplementedError
 
-    def select(self, view: DropView) -> torch.Tensor:
-        """``[B, T]`` bool survivors of ``view``'s sequence (non-image tokens are always kept)."""
+    def select(self, view: DropView) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``[B, T]`` bool survivors of ``view``'s sequence (non-image tokens are always kept).
+
+        A reducer that merges (e.g. recycles dropped tokens into a kept slot) returns ``(keep, hidden)``: ``hidden``
+        ``[B, T, D]`` replaces the layer's output before it is gathered to the survivors.
+        """
         raise NotImplementedError
 
 
@@ -276,7 +280,9 @@ class TokenDropLlamaModel(LlamaModel):
         hidden_in = args[0] if args else kwargs["hidden_states"]
         rope = live.rope or tuple(e.expand(hidden_in.shape[0], -1, -1) for e in kwargs["position_embeddings"])
         view = DropView(i, module, hidden_in, output, rope, live.real, live.image, live.query)
-        keep = self.reducer.select(view) | ~live.image
+        chosen = self.reducer.select(view)
+        keep, output = chosen if isinstance(chosen, tuple) else (chosen, output)
+        keep = keep | ~live.image
         idx, valid = gather_plan(keep)
         slot = _take(live.slot, idx) & valid
         live = _Live(

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Reducer, ReducerConfigError, ReducerParams, ReducerShapes, check_int
+from .base import MacDims, ReducerConfigError, ReducerParams, ReducerShapes, VisionReducer, check_int
 
 ORDERS = ("attention", "raster")
 
@@ -77,12 +77,12 @@ def iqr_outlier_counts(attn: torch.Tensor, scale: float = 1.5) -> torch.Tensor:
     return (attn > (q3 + scale * (q3 - q1))[:, None]).sum(dim=1)
 
 
-class PruMerge(Reducer):
+class PruMerge(VisionReducer):
     """PruMerge: ``[B, N, C_in]`` patches -> ``[B, M, C_in]`` merged tokens + ``[B, M]`` validity (M <= N/4 + 1)."""
 
     Params = PruMergeParams
-    stage = "vision"
     adaptive = True
+    needs_cls = True
     uniform_supplement: ClassVar[bool] = False
     # Published average (about 32 of 576 tokens kept, plus the extra one). Used only to assume a count for FLOPs.
     assumed_keep_ratio: ClassVar[float] = 32 / 576
@@ -98,29 +98,8 @@ class PruMerge(Reducer):
         if cls.uniform_supplement:
             check_int("uniform_divisor", params.uniform_divisor, 1)
         patches = shapes.num_patches
-        if not shapes.projector_per_patch:
-            raise ReducerConfigError(
-                f"reducer_type '{reducer_type}' passes a variable number of merged tokens to the projector, so it "
-                f"needs a projector that maps each patch to one token; projector_type '{shapes.projector}' "
-                f"merges the {shapes.grid_h}x{shapes.grid_w} patch grid (use mlp2x_gelu or mbtf)"
-            )
-        if not shapes.drops_cls:
-            raise ReducerConfigError(
-                f"reducer_type '{reducer_type}' scores patches by CLS attention, so vision_feature_select_strategy "
-                "must be 'default' (CLS dropped)"
-            )
-        if shapes.vision_model_type != "clip_vision_model":
-            raise ReducerConfigError(
-                f"reducer_type '{reducer_type}' needs a CLIP vision tower (a CLS token and CLIP encoder blocks); "
-                f"vision_config.model_type is {shapes.vision_model_type!r}"
-            )
-        depth = shapes.num_vision_blocks
-        in_range = isinstance(params.attn_layer, int) and -(depth + 1) <= params.attn_layer <= depth
-        if not in_range or params.attn_layer % (depth + 1) == depth:
-            raise ReducerConfigError(
-                f"reducer_kwargs.attn_layer={params.attn_layer} names no hidden state consumed by an encoder block "
-                f"(with {depth} blocks: {-(depth + 1)}..{depth - 1}, except -1, the final output)"
-            )
+        cls.check_model(reducer_type, shapes)
+        cls.check_attn_layer(params, shapes)
         if params.knn > patches - 1:
             raise ReducerConfigError(f"reducer_kwargs.knn={params.knn} exceeds the {patches - 1} other patches")
         if params.min_tokens > patches:
@@ -138,9 +117,10 @@ class PruMerge(Reducer):
         """The most tokens one image can get: every selected token plus the extra one."""
         return cls.max_selected(params, shapes.projector_tokens) + 1
 
-    def block_index(self, depth: int) -> int:
-        """Index of the scoring block in the encoder (and of its input in ``hidden_states``) for ``depth`` blocks."""
-        return self.params.attn_layer % (depth + 1)
+    @classmethod
+    def own_macs(cls, params: PruMergeParams, shapes: ReducerShapes, dims: MacDims) -> int:
+        """Scoring and merging with ``dims.image_tokens - 1`` tokens selected (the last one is the extra token)."""
+        return prumerge_macs(shapes.num_patches, dims.vision_hidden, dims.feature_channels, dims.image_tokens - 1)
 
     # -------------------------------------------------------------------------------------------------- steps
     def select(self, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
