@@ -24,7 +24,7 @@ from transformers import LogitsProcessorList
 from ..flops import count_flops
 from ..model import LlavaStfConfig
 from .timing import Clock, prefill
-from .variants import DTYPES, add_shape_arguments, base_config, build, write_json
+from .variants import DTYPES, add_shape_arguments, base_config, build, lab_variants, write_json
 
 VARIANTS = ["mlp2x_gelu", "mbtf_stf", "mlp2x_gelu+prumerge", "mlp2x_gelu+prumerge_plus", "mlp2x_gelu+fastv"]
 
@@ -71,7 +71,7 @@ def measure(base: LlavaStfConfig, args, device: torch.device) -> list[Row]:
                        logits_processor=LogitsProcessorList([clock]))  # fmt: skip
         n_text = args.text_tokens
         image_tokens = prompt.shape[1] - n_text  # FastV drops them later, inside the LLM
-        selected = image_tokens - 1 if config.reducer_type in ("prumerge", "prumerge_plus") else None
+        selected = image_tokens - 1 if config.adaptive_image_tokens else None
         times = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
         decode = args.batch * (len(clock.steps) - 1) / (clock.steps[-1] - clock.steps[0])
         flops = count_flops(config, args.text_tokens, reducer_tokens=selected)
@@ -81,7 +81,11 @@ def measure(base: LlavaStfConfig, args, device: torch.device) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, help="projector[+reducer]; the first is the base")
+    parser.add_argument("--variants", nargs="+", default=VARIANTS,
+                        help="projector[+reducer[@tokens]]; the first is the base")  # fmt: skip
+    lab = "instead of --variants: mlp2x_gelu, then each reducer at each --tokens budget ('all': every one)"
+    parser.add_argument("--reducers", nargs="+", default=None, help=lab)
+    parser.add_argument("--tokens", nargs="+", type=int, default=[64, 192], help="token budgets for --reducers")
     add_shape_arguments(parser, "cpu")
     for name, default in [("text-tokens", 40), ("new-tokens", 16), ("repeats", 3), ("threads", 0), ("batch", 1)]:
         parser.add_argument(f"--{name}", type=int, default=default)  # threads: CPU threads (1 is steadier when shared)
@@ -89,13 +93,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.reducers:
+        from ..model.reducers import REDUCERS
+
+        args.variants = lab_variants("mlp2x_gelu", sorted(REDUCERS) if args.reducers == ["all"] else args.reducers,
+                                     args.tokens)  # fmt: skip
     device = torch.device(args.device)
     rows = measure(base_config(args.preset, args.size), args, device)
     ref = rows[0]
     print(f"{args.preset or args.size} shapes, {args.dtype} on {device}, batch {args.batch} x (1 image + "
           f"{args.text_tokens} text tokens), random weights; median ms; LLM prefill speed-up and FLOPs ratio vs "
           f"{ref.spec}")  # fmt: skip
-    head = "img LLM TTFT vision reduce proj LLM speedup FLOPs-x eff proj% dec-t/s KV-MB peak-GB".split()
+    head = "img LLM TTFT vision reduce proj LLM speedup FLOPs-x eff red% proj% dec-t/s KV-MB peak-GB".split()
     print(("{:26}" + "{:>8}" * len(head)).format("variant", *head))
     for r in rows:
         t = {k: v * 1e3 for k, v in r.times.items()}
@@ -103,10 +112,27 @@ def main(argv: list[str] | None = None) -> list[Row]:
         peak = "n/a" if r.peak_bytes is None else f"{r.peak_bytes / 2**30:.2f}"
         cells = [r.image_tokens, r.llm_tokens] + [f"{t[k]:.1f}" for k in ("prefill", "vision", "reducer", "projector")]
         cells += [f"{t['llm']:.1f}", f"{speedup:.2f}", f"{flops:.2f}", f"{speedup / flops:.0%}"]
+        cells += [f"{t['reducer'] / t['prefill']:.1%}"]
         cells += [f"{t['projector'] / t['prefill']:.1%}", f"{r.decode_tps:.1f}", f"{r.kv_bytes / 2**20:.2f}", peak]
         print(("{:26}" + "{:>8}" * len(cells)).format(r.spec, *cells))
+    for line in targets(rows):
+        print(line)
     write_json(args.json, args, rows)
     return rows
+
+
+def targets(rows: list[Row]) -> list[str]:
+    """Per reduced variant: LLM prefill speed-up >= 80 % of its LLM FLOPs ratio, reducer time < 5 % of the prefill."""
+    ref, lines = rows[0], []
+    for r in rows[1:]:
+        if "+" not in r.spec:
+            continue
+        eff = ref.times["llm"] / r.times["llm"] / (ref.llm_flops / r.llm_flops)
+        overhead = r.times["reducer"] / r.times["prefill"]
+        verdict = "meets" if eff >= 0.8 and overhead < 0.05 else "MISSES"
+        lines.append(f"target {r.spec}: speed-up {eff:.0%} of the FLOPs ratio (>= 80%), reducer {overhead:.1%} of "
+                     f"the prefill (< 5%): {verdict}")  # fmt: skip
+    return lines
 
 
 if __name__ == "__main__":

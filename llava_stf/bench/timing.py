@@ -1,4 +1,5 @@
-"""Timing one prefill by parts: forward hooks on the tower, projector and LLM, CUDA-synchronised wall clock."""
+"""Timing one prefill by parts: forward hooks on the tower, projector and LLM (and an in-LLM reducer's choices),
+CUDA-synchronised wall clock."""
 
 from __future__ import annotations
 
@@ -41,10 +42,26 @@ def prefill(model, ids, pixels, clock: Clock) -> tuple[dict[str, float], object,
         lm.norm.register_forward_hook(clock.hook("llm1")),
     ]
     hooks += [lm.layers[-1].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))]
+    reducer, spent = getattr(lm, "reducer", None), []  # an in-LLM reducer: time its choices inside the LLM
+    if reducer is not None:
+        select = reducer.select
+
+        def timed_select(view):
+            begin = clock.now()
+            chosen = select(view)
+            spent.append(clock.now() - begin)
+            return chosen
+
+        reducer.select = timed_select  # an instance attribute for this call only (removed below)
     clock.marks, start = {}, clock.now()
-    out = model(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1)
+    try:
+        out = model(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1)
+    finally:
+        if reducer is not None:
+            del reducer.select
+        for hook in hooks:
+            hook.remove()
     m, end = clock.marks, clock.now()
-    for hook in hooks:
-        hook.remove()
-    times = dict(prefill=end - start, vision=m["vision1"] - m["vision0"], reducer=m["proj0"] - m["vision1"])
+    reduce = m["proj0"] - m["vision1"] + sum(spent)  # vision side: tower end to projector; in-LLM: its choices
+    times = dict(prefill=end - start, vision=m["vision1"] - m["vision0"], reducer=reduce)
     return dict(times, projector=m["proj1"] - m["proj0"], llm=m["llm1"] - m["llm0"]), out, lengths[0]

@@ -1,6 +1,7 @@
 """The latency benchmark's models: configs on real or scaled-down shapes, and variants sharing one set of weights.
 
-``build`` makes one model per ``projector[+reducer]`` spec that shares a single randomly initialised vision tower,
+``build`` makes one model per ``projector[+reducer[@tokens]]`` spec (``@tokens``: the reducer's settings for that
+token budget, ``model.reducers.budget_kwargs``) that shares a single randomly initialised vision tower,
 LLM weights and LM head, so only the projector (and reducer) differs between the variants being timed. Each variant
 keeps its own language-model module (an in-LLM reducer's ``TokenDropLlamaModel`` hooks its own layers) holding the
 shared parameter tensors.
@@ -17,6 +18,7 @@ from transformers import CLIPVisionConfig, LlamaConfig
 
 from ..model import LlavaStfConfig, LlavaStfForConditionalGeneration, build_projector
 from ..model.presets import load_preset
+from ..model.reducers import budget_kwargs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = {  # image, patch, vision hidden / layers, LLM hidden / FFN / layers / heads
@@ -37,11 +39,30 @@ def base_config(preset: str | None, size: str) -> LlavaStfConfig:
 
 
 def variant_config(base: LlavaStfConfig, spec: str) -> LlavaStfConfig:
+    """The config of ``projector[+reducer[@tokens]]`` on ``base``'s towers (e.g. ``mlp2x_gelu+visionzip@64``)."""
     projector, _, reducer = spec.partition("+")
+    reducer, _, tokens = reducer.partition("@")
     fields = base.to_dict()
     fields.update(projector_type=projector, projector_kwargs=None, vision_feature_layer=None)
-    fields.update(reducer_type=reducer or None, reducer_kwargs=None)
-    return LlavaStfConfig(**fields)
+    fields.update(reducer_type=None, reducer_kwargs=None)
+    config = LlavaStfConfig(**fields)
+    if not reducer:
+        return config
+    if tokens and not tokens.isdigit():
+        raise ValueError(f"variant {spec!r}: the token budget after '@' must be an integer")
+    kwargs = budget_kwargs(reducer, int(tokens), config.with_reducer(reducer).reducer_shapes()) if tokens else None
+    return config.with_reducer(reducer, kwargs)
+
+
+def lab_variants(projector: str, reducers: list[str], budgets: list[int]) -> list[str]:
+    """``projector`` alone, then every reducer at every budget (adaptive ones once, at their own count)."""
+    from ..model.reducers import get_reducer_class
+
+    specs = [projector]
+    for name in reducers:
+        adaptive = get_reducer_class(name).adaptive
+        specs += [f"{projector}+{name}"] if adaptive else [f"{projector}+{name}@{t}" for t in budgets]
+    return specs
 
 
 def build(base: LlavaStfConfig, specs: list[str], device: torch.device, dtype: torch.dtype) -> list:

@@ -20,7 +20,8 @@ def test_side_by_side_run_reports_exact_cache_sizes(capsys):
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in printed[-4:]] == variants
+    assert [line.split()[0] for line in printed[-6:-2]] == variants
+    assert [line.split()[1] for line in printed[-2:]] == [f"{v}:" for v in variants[2:]]  # one per reduced variant
     base = base_config(None, "tiny")
     text = base.text_config
     per_token = 2 * text.num_hidden_layers * text.hidden_size * 4  # keys + values, fp32, no GQA in these shapes
@@ -38,3 +39,17 @@ def test_side_by_side_run_reports_exact_cache_sizes(capsys):
     for row in rows:
         assert row.decode_tps > 0 and row.peak_bytes is None
         assert all(t >= 0 for t in row.times.values()) and row.times["prefill"] >= row.times["llm"]
+
+
+def test_budget_variants_and_reducer_time(capsys):
+    # "+reducer@tokens" maps the budget through the reducer's own rule; in-LLM reducer time is measured, not zero.
+    threads = torch.get_num_threads()
+    try:
+        args = ["--size", "tiny", "--repeats", "1", "--new-tokens", "2", "--text-tokens", "8", "--threads", "1"]
+        rows = main([*args, "--reducers", "fastv", "prumerge", "--tokens", "16", "48"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r.spec for r in rows] == ["mlp2x_gelu", "mlp2x_gelu+fastv@16", "mlp2x_gelu+fastv@48", "mlp2x_gelu+prumerge"]
+    assert [r.llm_tokens for r in rows[:3]] == [72, 8 + 16, 8 + 48]  # kept after layer K
+    assert rows[1].times["reducer"] > 0 and rows[0].times["reducer"] < rows[1].times["reducer"]
+    assert variant_config(base_config(None, "tiny"), "mlp2x_gelu+fastv@16").reducer_kwargs == {"k": 2, "r": 0.75}
