@@ -10,14 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 from .base import MacDims, Reducer, ReducerConfigError, ReducerParams, ReducerShapes, VisionReducer, check_budget
+from .fastervlm import FasterVLM, FasterVLMParams
 from .fastv import FastV, FastVParams, equivalent_tokens, fastv_score_macs, kept_image_tokens
 from .language_model import DropState, DropView, LLMReducer, TokenDropLlamaModel, install_llm_reducer
 from .prumerge import PruMerge, PruMergeParams, PruMergePlus, PruMergePlusParams, prumerge_macs
+from .visionzip import VisionZip, VisionZipParams
+from .vispruner import VisPruner, VisPrunerParams
 
 REDUCERS: dict[str, type[Reducer]] = {
     "prumerge": PruMerge,  # vision side: CLS-attention IQR outliers + key-kNN merge (adaptive, ~32 of 576)
     "prumerge_plus": PruMergePlus,  # PruMerge + spatially uniform supplement (adaptive, ~144 of 576)
     "fastv": FastV,  # inside the LLM: drop R of the image tokens after layer K-1 (defaults K=2, R=0.5)
+    "visionzip": VisionZip,  # vision side: CLS + top [CLS]-attention patches + key-merged contextual tokens (54 + 10)
+    "fastervlm": FasterVLM,  # vision side: top-k patches by [CLS] attention, raster order (58 of 576)
+    "vispruner": VisPruner,  # vision side: [CLS]-attention important + de-duplicated diverse patches (48 + 16)
 }
 
 
@@ -55,6 +61,8 @@ __all__ = [
     "DropState",
     "DropView",
     "FastV",
+    "FasterVLM",
+    "FasterVLMParams",
     "FastVParams",
     "LLMReducer",
     "MacDims",
@@ -67,7 +75,11 @@ __all__ = [
     "ReducerParams",
     "ReducerShapes",
     "TokenDropLlamaModel",
+    "VisPruner",
+    "VisPrunerParams",
     "VisionReducer",
+    "VisionZip",
+    "VisionZipParams",
     "budget_kwargs",
     "build_reducer",
     "check_budget",

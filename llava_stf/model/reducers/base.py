@@ -173,10 +173,13 @@ class VisionReducer(Reducer):
     score with CLS attention recompute it from that block's own ``q_proj`` / ``k_proj``). It returns
     ``(tokens [B, M, C_in], valid [B, M])``: each image's tokens, padded to the batch maximum, ``valid`` a prefix of
     each row. A non-``adaptive`` reducer returns exactly ``image_tokens(params, shapes)`` tokens for every image.
+    A reducer that sets ``needs_cls_features`` also gets ``cls_features [B, C_in]``: the CLS row of the feature
+    layers in the projector's channel layout (VisionZip passes the CLS token on to the projector).
     """
 
     stage = "vision"
     needs_cls: ClassVar[bool] = False  # scores with CLS attention: needs a CLIP tower and CLS dropped for the projector
+    needs_cls_features: ClassVar[bool] = False  # forward also takes cls_features [B, C_in] (CLS of the feature layers)
 
     def block_index(self, depth: int) -> int:
         """Index of the scoring block (and of its input in ``hidden_states``) for ``depth`` blocks: ``attn_layer``
