@@ -10,14 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 from .base import MacDims, Reducer, ReducerConfigError, ReducerParams, ReducerShapes, VisionReducer, check_budget
+from .divprune import DivPrune, DivPruneParams
 from .fastv import FastV, FastVParams, equivalent_tokens, fastv_score_macs, kept_image_tokens
 from .language_model import DropState, DropView, LLMReducer, TokenDropLlamaModel, install_llm_reducer
+from .pool import Pool, PoolParams
 from .prumerge import PruMerge, PruMergeParams, PruMergePlus, PruMergePlusParams, prumerge_macs
+from .random_drop import RandomDrop, RandomDropParams
 
 REDUCERS: dict[str, type[Reducer]] = {
     "prumerge": PruMerge,  # vision side: CLS-attention IQR outliers + key-kNN merge (adaptive, ~32 of 576)
     "prumerge_plus": PruMergePlus,  # PruMerge + spatially uniform supplement (adaptive, ~144 of 576)
     "fastv": FastV,  # inside the LLM: drop R of the image tokens after layer K-1 (defaults K=2, R=0.5)
+    "divprune": DivPrune,  # vision side: greedy max-min cosine diversity subset of the patches (exact count)
+    "random": RandomDrop,  # vision side: a seeded uniform random subset of the patches, raster order (baseline)
+    "pool": Pool,  # vision side: 2-D average pooling of the patch grid to out_h x out_w (baseline)
 }
 
 
@@ -52,16 +58,22 @@ def build_reducer(name: str | None, kwargs: dict[str, Any] | None, shapes: Reduc
 
 __all__ = [
     "REDUCERS",
+    "DivPrune",
+    "DivPruneParams",
     "DropState",
     "DropView",
     "FastV",
     "FastVParams",
     "LLMReducer",
     "MacDims",
+    "Pool",
+    "PoolParams",
     "PruMerge",
     "PruMergeParams",
     "PruMergePlus",
     "PruMergePlusParams",
+    "RandomDrop",
+    "RandomDropParams",
     "Reducer",
     "ReducerConfigError",
     "ReducerParams",
