@@ -10,10 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from .base import MacDims, Reducer, ReducerConfigError, ReducerParams, ReducerShapes, VisionReducer, check_budget
+from .divprune import DivPrune, DivPruneParams
 from .fastervlm import FasterVLM, FasterVLMParams
 from .fastv import FastV, FastVParams, equivalent_tokens, fastv_score_macs, kept_image_tokens
 from .language_model import DropState, DropView, LLMReducer, TokenDropLlamaModel, install_llm_reducer
+from .pool import Pool, PoolParams
 from .prumerge import PruMerge, PruMergeParams, PruMergePlus, PruMergePlusParams, prumerge_macs
+from .random_drop import RandomDrop, RandomDropParams
 from .visionzip import VisionZip, VisionZipParams
 from .vispruner import VisPruner, VisPrunerParams
 
@@ -24,6 +27,9 @@ REDUCERS: dict[str, type[Reducer]] = {
     "visionzip": VisionZip,  # vision side: CLS + top [CLS]-attention patches + key-merged contextual tokens (54 + 10)
     "fastervlm": FasterVLM,  # vision side: top-k patches by [CLS] attention, raster order (58 of 576)
     "vispruner": VisPruner,  # vision side: [CLS]-attention important + de-duplicated diverse patches (48 + 16)
+    "divprune": DivPrune,  # vision side: greedy max-min cosine diversity subset of the patches (exact count)
+    "random": RandomDrop,  # vision side: a seeded uniform random subset of the patches, raster order (baseline)
+    "pool": Pool,  # vision side: 2-D average pooling of the patch grid to out_h x out_w (baseline)
 }
 
 
@@ -58,6 +64,8 @@ def build_reducer(name: str | None, kwargs: dict[str, Any] | None, shapes: Reduc
 
 __all__ = [
     "REDUCERS",
+    "DivPrune",
+    "DivPruneParams",
     "DropState",
     "DropView",
     "FastV",
@@ -66,10 +74,14 @@ __all__ = [
     "FastVParams",
     "LLMReducer",
     "MacDims",
+    "Pool",
+    "PoolParams",
     "PruMerge",
     "PruMergeParams",
     "PruMergePlus",
     "PruMergePlusParams",
+    "RandomDrop",
+    "RandomDropParams",
     "Reducer",
     "ReducerConfigError",
     "ReducerParams",
