@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .model import LlavaStfConfig
 from .model.modeling_llava_stf import build_projector
@@ -55,25 +56,16 @@ def vision_macs(vision_config) -> int:
 
 
 def module_macs(module: nn.Module, example: torch.Tensor) -> int:
-    """MACs of every Linear / Conv2d that runs when ``module(example)`` is called (shapes only, meta device ok)."""
-    total = 0
+    """MACs of ``module(example)``: every matmul, linear and convolution torch runs (meta device ok).
 
-    def hook(layer: nn.Module, _inputs, output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(layer, nn.Linear):
-            total += output.numel() * layer.in_features
-        else:  # Conv2d: each output element is a dot product over in_channels/groups * kh * kw inputs
-            kh, kw = layer.kernel_size
-            total += output.numel() * (layer.in_channels // layer.groups) * kh * kw
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    try:
-        with torch.no_grad():
-            module(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs = 2 x MACs), so attention products inside a
+    projector (TokenPacker's region-to-point attention) count as well as its Linear / Conv2d layers; bias adds,
+    norms, softmax, pooling and interpolation are not counted, as everywhere in this file.
+    """
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(example)
+    return counter.get_total_flops() // 2
 
 
 def projector_macs(config: LlavaStfConfig, tokens: int | None = None) -> int:

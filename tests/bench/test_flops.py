@@ -49,7 +49,7 @@ def test_image_size_scales_token_count():
     assert report.projector == 4 * count_flops(load_preset("llava-stf-7b")).projector
 
 
-@pytest.mark.parametrize("projector", ["mlp2x_gelu", "mbtf_stf", "token_concat"])
+@pytest.mark.parametrize("projector", ["mlp2x_gelu", "mbtf_stf", "token_concat", "tokenpacker"])
 def test_full_prefill_matches_flop_counter_mode(projector):
     config = tiny_config(projector_type=projector)
     model = tiny_model(config)

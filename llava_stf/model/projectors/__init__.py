@@ -11,6 +11,7 @@ from .mbtf import MbtfProjector, MbtfStfProjector, evenly_spaced_blocks
 from .mlp import Mlp2xGeluProjector
 from .pooling import AvgPoolProjector, TokenConcatProjector
 from .stf import StfProjector
+from .tokenpacker import TokenPackerProjector
 
 PROJECTORS: dict[str, type[Projector]] = {
     "mlp2x_gelu": Mlp2xGeluProjector,  # LLaVA-1.5 baseline, 576 tokens
@@ -19,6 +20,7 @@ PROJECTORS: dict[str, type[Projector]] = {
     "stf": StfProjector,  # Spatial Token Fusion alone
     "mbtf": MbtfProjector,  # Multi-Block Token Fusion + MLP, 576 tokens
     "mbtf_stf": MbtfStfProjector,  # LLaVA-STF: MBTF then STF, 144 tokens
+    "tokenpacker": TokenPackerProjector,  # TokenPacker (arXiv 2407.02392): region-to-point attention, 144/64/36
 }
 
 
