@@ -15,6 +15,7 @@ folder gets a one-line reason instead of an error from deep inside ``from_pretra
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,12 +113,20 @@ class Generator:
     Args:
         model: A ``LlavaStfForConditionalGeneration`` (any LLaVA-style image-text-to-text model with ``generate``).
         processor: Its ``LlavaStfProcessor``; its ``num_image_tokens`` must equal the model's (unless an adaptive
-            reducer gives each image its own count, which ``encode`` writes).
+            reducer gives each image its own count, which ``encode`` writes). A processor saved with the checkpoint
+            holds the projector's count; when a vision-side reducer was switched on for that checkpoint
+            (``config.with_reducer``), the processor is used at the reducer's count, which the model config states.
     """
 
     def __init__(self, model: torch.nn.Module, processor: LlavaStfProcessor):
         expected = getattr(model.config, "num_image_tokens", None)
         adaptive = getattr(model.config, "adaptive_image_tokens", False)  # counts come from each image's features
+        if expected is not None and not adaptive and processor.num_image_tokens != expected:
+            if getattr(model.config, "reducer_type", None) is not None:
+                unreduced = model.config.reducer_shapes().projector_tokens
+                if processor.num_image_tokens == unreduced:  # the checkpoint's processor, a reducer switched on
+                    processor = copy.copy(processor)
+                    processor.num_image_tokens = expected
         if expected is not None and not adaptive and processor.num_image_tokens != expected:
             raise ValueError(
                 f"processor and model disagree on image tokens: processor: {processor.num_image_tokens}, "

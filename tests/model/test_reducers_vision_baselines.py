@@ -82,8 +82,8 @@ def test_generation_batched_alone_and_with_and_without_cache(tokenizer, reducer,
 
 @pytest.mark.parametrize("reducer", ["divprune", "random", "pool"])
 def test_a_trained_checkpoint_generates_with_the_reducer(tmp_path, tokenizer, reducer):
-    """Switch a reducer on for a checkpoint trained without it. The saved processor writes 64 placeholders, which
-    ``Generator`` refuses for a model that emits 16, so the processor is told the reduced count."""
+    """Switch a reducer on for a checkpoint trained without it: the saved processor (64 placeholders, the projector's
+    count) is adopted by ``Generator`` at the reducer's count (16); a processor of another model is still refused."""
     config = tiny_config(tokenizer, "mlp2x_gelu")
     tiny_model(config).save_pretrained(tmp_path)
     tiny_processor(config, tokenizer).save_pretrained(tmp_path)
@@ -93,11 +93,14 @@ def test_a_trained_checkpoint_generates_with_the_reducer(tmp_path, tokenizer, re
     model = LlavaStfForConditionalGeneration.from_pretrained(tmp_path, config=reduced).eval()
     assert model.config.num_image_tokens == 16
     processor = LlavaStfProcessor.from_pretrained(tmp_path)
-    processor.num_image_tokens = model.config.num_image_tokens
-    answers = Generator(model, processor).generate(
-        [Request.single("What is shown?", make_image(1))], GenerationSettings(3)
-    )
+    assert processor.num_image_tokens == 64
+    generator = Generator(model, processor)
+    assert generator.processor.num_image_tokens == 16
+    answers = generator.generate([Request.single("What is shown?", make_image(1))], GenerationSettings(3))
     assert len(answers) == 1 and isinstance(answers[0], str)
+    processor.num_image_tokens = 32  # neither the projector's count nor the reducer's: a mismatched pair
+    with pytest.raises(ValueError, match="processor: 32, model: 16"):
+        Generator(model, processor)
 
 
 @pytest.mark.parametrize("projector", ["mlp2x_gelu", "mbtf"])
