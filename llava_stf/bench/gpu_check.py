@@ -49,6 +49,23 @@ def steps(dry_run: bool, work: Path) -> list[Step]:
             [*latency, "--batch", "8", "--variants", "mlp2x_gelu", "mbtf_stf", "mlp2x_gelu+fastv"],
             120,
         ),  # fmt: skip
+        Step(
+            "reducers at 64 and 192 tokens, batch 8",
+            "latency",
+            [
+                *latency,
+                "--batch",
+                "8",
+                "--reducers",
+                "all",
+                "--tokens",
+                *(["8", "16"] if small else ["64", "192"]),
+                "--also",
+                "mbtf_stf",
+                "tokenpacker",
+            ],
+            150,
+        ),  # fmt: skip
         Step("bf16 parity", "parity", [*shapes, "--prompts", "4" if small else "16", "--new-tokens", "8"], 120),
         Step(
             "LoRA stage-2 steps",

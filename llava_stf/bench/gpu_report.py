@@ -74,7 +74,7 @@ def report(results: list[dict], dry_run: bool, total: float) -> str:
             f"`python -m llava_stf.bench.{step.module} {' '.join(step.args)}`",
             "",
             "```",
-            *r["log"][-40:],
+            *r["log"][-60:],
             "```",
             "",
         ]

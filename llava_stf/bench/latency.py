@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     lab = "instead of --variants: mlp2x_gelu, then each reducer at each --tokens budget ('all': every one)"
     parser.add_argument("--reducers", nargs="+", default=None, help=lab)
     parser.add_argument("--tokens", nargs="+", type=int, default=[64, 192], help="token budgets for --reducers")
+    parser.add_argument("--also", nargs="+", default=[], help="with --reducers: more variants (e.g. mbtf_stf)")
     add_shape_arguments(parser, "cpu")
     for name, default in [("text-tokens", 40), ("new-tokens", 16), ("repeats", 3), ("threads", 0), ("batch", 1)]:
         parser.add_argument(f"--{name}", type=int, default=default)  # threads: CPU threads (1 is steadier when shared)
@@ -96,8 +97,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.reducers:
         from ..model.reducers import REDUCERS
 
-        args.variants = lab_variants("mlp2x_gelu", sorted(REDUCERS) if args.reducers == ["all"] else args.reducers,
-                                     args.tokens)  # fmt: skip
+        names = sorted(REDUCERS) if args.reducers == ["all"] else args.reducers
+        args.variants = lab_variants("mlp2x_gelu", names, args.tokens) + args.also
     device = torch.device(args.device)
     rows = measure(base_config(args.preset, args.size), args, device)
     ref = rows[0]

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ["latency, batch 1", "latency, batch 8", "bf16 parity", "LoRA stage-2 steps", "DeepSpeed ZeRO-2"]
+STEPS = [
+    "latency, batch 1",
+    "latency, batch 8",
+    "reducers at 64 and 192 tokens, batch 8",
+    "bf16 parity",
+    "LoRA stage-2 steps",
+    "DeepSpeed ZeRO-2",
+]
 
 
 @pytest.mark.slow
