@@ -13,11 +13,13 @@ from .base import MacDims, Reducer, ReducerConfigError, ReducerParams, ReducerSh
 from .fastv import FastV, FastVParams, equivalent_tokens, fastv_score_macs, kept_image_tokens
 from .language_model import DropState, DropView, LLMReducer, TokenDropLlamaModel, install_llm_reducer
 from .prumerge import PruMerge, PruMergeParams, PruMergePlus, PruMergePlusParams, prumerge_macs
+from .sparsevlm import SparseVLM, SparseVLMParams
 
 REDUCERS: dict[str, type[Reducer]] = {
     "prumerge": PruMerge,  # vision side: CLS-attention IQR outliers + key-kNN merge (adaptive, ~32 of 576)
     "prumerge_plus": PruMergePlus,  # PruMerge + spatially uniform supplement (adaptive, ~144 of 576)
     "fastv": FastV,  # inside the LLM: drop R of the image tokens after layer K-1 (defaults K=2, R=0.5)
+    "sparsevlm": SparseVLM,  # inside the LLM: text raters prune after layers 2, 6, 15 (576 -> 300/200/110) + recycling
 }
 
 
@@ -66,6 +68,8 @@ __all__ = [
     "ReducerConfigError",
     "ReducerParams",
     "ReducerShapes",
+    "SparseVLM",
+    "SparseVLMParams",
     "TokenDropLlamaModel",
     "VisionReducer",
     "budget_kwargs",
