@@ -17,6 +17,7 @@ from .language_model import DropState, DropView, LLMReducer, TokenDropLlamaModel
 from .pool import Pool, PoolParams
 from .prumerge import PruMerge, PruMergeParams, PruMergePlus, PruMergePlusParams, prumerge_macs
 from .random_drop import RandomDrop, RandomDropParams
+from .sparsevlm import SparseVLM, SparseVLMParams
 from .visionzip import VisionZip, VisionZipParams
 from .vispruner import VisPruner, VisPrunerParams
 
@@ -30,6 +31,7 @@ REDUCERS: dict[str, type[Reducer]] = {
     "divprune": DivPrune,  # vision side: greedy max-min cosine diversity subset of the patches (exact count)
     "random": RandomDrop,  # vision side: a seeded uniform random subset of the patches, raster order (baseline)
     "pool": Pool,  # vision side: 2-D average pooling of the patch grid to out_h x out_w (baseline)
+    "sparsevlm": SparseVLM,  # inside the LLM: text raters prune after layers 2, 6, 15 (576 -> 300/200/110) + recycling
 }
 
 
@@ -86,6 +88,8 @@ __all__ = [
     "ReducerConfigError",
     "ReducerParams",
     "ReducerShapes",
+    "SparseVLM",
+    "SparseVLMParams",
     "TokenDropLlamaModel",
     "VisPruner",
     "VisPrunerParams",
