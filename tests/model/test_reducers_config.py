@@ -4,6 +4,7 @@ combinations, ``config.json`` round trip, placeholder counts, and checkpoints un
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -28,9 +29,8 @@ def real_config(**kwargs) -> LlavaStfConfig:
 
 
 def test_registry_lists_valid_names_on_a_typo():
-    with pytest.raises(
-        ReducerConfigError, match=r"unknown reducer_type 'fastv2'.*\['fastv', 'prumerge', 'prumerge_plus'\]"
-    ):
+    names = re.escape(str(sorted(REDUCERS)))  # every registered name, whichever reducers the registry holds
+    with pytest.raises(ReducerConfigError, match=rf"unknown reducer_type 'fastv2'.*{names}"):
         real_config(reducer_type="fastv2")
 
 

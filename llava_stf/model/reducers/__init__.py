@@ -10,14 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 from .base import MacDims, Reducer, ReducerConfigError, ReducerParams, ReducerShapes, VisionReducer, check_budget
+from .dart import DART, DARTParams
 from .fastv import FastV, FastVParams, equivalent_tokens, fastv_score_macs, kept_image_tokens
 from .language_model import DropState, DropView, LLMReducer, TokenDropLlamaModel, install_llm_reducer
 from .prumerge import PruMerge, PruMergeParams, PruMergePlus, PruMergePlusParams, prumerge_macs
+from .pyramiddrop import PyramidDrop, PyramidDropParams
 
 REDUCERS: dict[str, type[Reducer]] = {
     "prumerge": PruMerge,  # vision side: CLS-attention IQR outliers + key-kNN merge (adaptive, ~32 of 576)
     "prumerge_plus": PruMergePlus,  # PruMerge + spatially uniform supplement (adaptive, ~144 of 576)
     "fastv": FastV,  # inside the LLM: drop R of the image tokens after layer K-1 (defaults K=2, R=0.5)
+    "dart": DART,  # inside the LLM: after layer K-1 keep the image tokens least similar to key-norm pivots (K=2)
+    "pyramiddrop": PyramidDrop,  # inside the LLM: keep a fraction λ of the image tokens after layers 8, 16, 24
 }
 
 
@@ -51,7 +55,9 @@ def build_reducer(name: str | None, kwargs: dict[str, Any] | None, shapes: Reduc
 
 
 __all__ = [
+    "DART",
     "REDUCERS",
+    "DARTParams",
     "DropState",
     "DropView",
     "FastV",
@@ -62,6 +68,8 @@ __all__ = [
     "PruMergeParams",
     "PruMergePlus",
     "PruMergePlusParams",
+    "PyramidDrop",
+    "PyramidDropParams",
     "Reducer",
     "ReducerConfigError",
     "ReducerParams",
