@@ -10,12 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from .base import MacDims, Reducer, ReducerConfigError, ReducerParams, ReducerShapes, VisionReducer, check_budget
+from .dart import DART, DARTParams
 from .divprune import DivPrune, DivPruneParams
 from .fastervlm import FasterVLM, FasterVLMParams
 from .fastv import FastV, FastVParams, equivalent_tokens, fastv_score_macs, kept_image_tokens
 from .language_model import DropState, DropView, LLMReducer, TokenDropLlamaModel, install_llm_reducer
 from .pool import Pool, PoolParams
 from .prumerge import PruMerge, PruMergeParams, PruMergePlus, PruMergePlusParams, prumerge_macs
+from .pyramiddrop import PyramidDrop, PyramidDropParams
 from .random_drop import RandomDrop, RandomDropParams
 from .sparsevlm import SparseVLM, SparseVLMParams
 from .visionzip import VisionZip, VisionZipParams
@@ -32,6 +34,8 @@ REDUCERS: dict[str, type[Reducer]] = {
     "random": RandomDrop,  # vision side: a seeded uniform random subset of the patches, raster order (baseline)
     "pool": Pool,  # vision side: 2-D average pooling of the patch grid to out_h x out_w (baseline)
     "sparsevlm": SparseVLM,  # inside the LLM: text raters prune after layers 2, 6, 15 (576 -> 300/200/110) + recycling
+    "dart": DART,  # inside the LLM: after layer K-1 keep the image tokens least similar to key-norm pivots (K=2)
+    "pyramiddrop": PyramidDrop,  # inside the LLM: keep a fraction λ of the image tokens after layers 8, 16, 24
 }
 
 
@@ -65,9 +69,11 @@ def build_reducer(name: str | None, kwargs: dict[str, Any] | None, shapes: Reduc
 
 
 __all__ = [
+    "DART",
     "REDUCERS",
     "DivPrune",
     "DivPruneParams",
+    "DARTParams",
     "DropState",
     "DropView",
     "FastV",
@@ -84,6 +90,8 @@ __all__ = [
     "PruMergePlusParams",
     "RandomDrop",
     "RandomDropParams",
+    "PyramidDrop",
+    "PyramidDropParams",
     "Reducer",
     "ReducerConfigError",
     "ReducerParams",

@@ -51,6 +51,7 @@ class DropView:
     attention_mask: torch.Tensor  # [B, T] bool: real tokens (False at padding)
     image_mask: torch.Tensor  # [B, T] bool: image tokens still present
     query_index: torch.Tensor  # [B] position of each row's last prompt token
+    model: nn.Module  # the language model running (its later layers and final norm may be used for scoring)
 
 
 class LLMReducer(Reducer):
@@ -279,7 +280,7 @@ class TokenDropLlamaModel(LlamaModel):
         live = plan.live
         hidden_in = args[0] if args else kwargs["hidden_states"]
         rope = live.rope or tuple(e.expand(hidden_in.shape[0], -1, -1) for e in kwargs["position_embeddings"])
-        view = DropView(i, module, hidden_in, output, rope, live.real, live.image, live.query)
+        view = DropView(i, module, hidden_in, output, rope, live.real, live.image, live.query, self)
         chosen = self.reducer.select(view)
         keep, output = chosen if isinstance(chosen, tuple) else (chosen, output)
         keep = keep | ~live.image
