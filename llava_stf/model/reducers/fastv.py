@@ -82,40 +82,9 @@ class FastV(LLMReducer):
                              view.query_index)  # fmt: skip
         return self.keep_mask(scores, view.image_mask)
 
-    @torch.no_grad()
-    def scores(
-        self,
-        hidden: torch.Tensor,
-        layer: nn.Module,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor,
-        query_index: torch.Tensor,
-    ) -> torch.Tensor:
-        """Head-averaged attention of each sample's query token to every position, at ``layer``.
-
-        Args:
-            hidden: ``[B, T, D]`` the layer's input hidden states.
-            layer: a Llama decoder layer (its ``input_layernorm`` and ``self_attn`` projections are used).
-            position_embeddings: RoPE ``(cos, sin)``, each ``[B or 1, T, d_head]``.
-            attention_mask: ``[B, T]`` 2-D mask (1 = real token).
-            query_index: ``[B]`` position of each sample's query (the last prompt token).
-
-        Returns:
-            ``[B, T]`` float32 probabilities (zero at padding and after the query).
-        """
-        attn = layer.self_attn
-        b, t, _ = hidden.shape
-        rows = torch.arange(b, device=hidden.device)
-        normed = layer.input_layernorm(hidden)
-        keys = attn.k_proj(normed).view(b, t, -1, attn.head_dim).transpose(1, 2)  # [B, H_kv, T, d]
-        query = attn.q_proj(normed[rows, query_index][:, None]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-        cos, sin = (e.expand(b, -1, -1) for e in position_embeddings)
-        _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
-        query, _ = apply_rotary_pos_emb(query, query, cos[rows, query_index][:, None], sin[rows, query_index][:, None])
-        logits = (query @ repeat_kv(keys, attn.num_key_value_groups).transpose(2, 3)).float() * attn.scaling
-        allowed = attention_mask.bool() & (torch.arange(t, device=hidden.device)[None] <= query_index[:, None])
-        logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
-        return logits.softmax(dim=-1).mean(dim=1).squeeze(1)  # [B, T]
+    def scores(self, hidden, layer, position_embeddings, attention_mask, query_index) -> torch.Tensor:
+        """``[B, T]`` head-averaged attention of each row's query at ``layer`` (see :func:`query_attention`)."""
+        return query_attention(hidden, layer, position_embeddings, attention_mask, query_index)
 
     def keep_mask(self, scores: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` positions that survive: every non-image token and the top-scored image tokens of each row."""
@@ -126,6 +95,41 @@ class FastV(LLMReducer):
         ranked = scores.masked_fill(~image_mask, float("-inf"))
         rank = ranked.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
         return ~image_mask | (rank < kept[:, None])
+
+
+@torch.no_grad()
+def query_attention(
+    hidden: torch.Tensor,
+    layer: nn.Module,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor,
+    query_index: torch.Tensor,
+) -> torch.Tensor:
+    """Head-averaged attention of each row's query token to every position, as ``layer`` would compute it.
+
+    Args:
+        hidden: ``[B, T, D]`` the layer's input hidden states.
+        layer: a Llama decoder layer (its ``input_layernorm`` and ``self_attn`` projections are used).
+        position_embeddings: RoPE ``(cos, sin)``, each ``[B or 1, T, d_head]``.
+        attention_mask: ``[B, T]`` bool real tokens.
+        query_index: ``[B]`` position of each row's query (the last prompt token).
+
+    Returns:
+        ``[B, T]`` float32 probabilities (zero at padding and after the query).
+    """
+    attn = layer.self_attn
+    b, t, _ = hidden.shape
+    rows = torch.arange(b, device=hidden.device)
+    normed = layer.input_layernorm(hidden)
+    keys = attn.k_proj(normed).view(b, t, -1, attn.head_dim).transpose(1, 2)  # [B, H_kv, T, d]
+    query = attn.q_proj(normed[rows, query_index][:, None]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = (e.expand(b, -1, -1) for e in position_embeddings)
+    _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
+    query, _ = apply_rotary_pos_emb(query, query, cos[rows, query_index][:, None], sin[rows, query_index][:, None])
+    logits = (query @ repeat_kv(keys, attn.num_key_value_groups).transpose(2, 3)).float() * attn.scaling
+    allowed = attention_mask.bool() & (torch.arange(t, device=hidden.device)[None] <= query_index[:, None])
+    logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
 
 
 def fastv_score_macs(n_tokens: int, hidden: int, kv_hidden: int) -> int:

@@ -37,11 +37,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from .base import MacDims, ReducerConfigError, ReducerParams, ReducerShapes, check_budget, check_fraction, check_int
-from .fastv import SUPPORTED_LLMS, fastv_score_macs
+from .fastv import SUPPORTED_LLMS, fastv_score_macs, query_attention
 from .language_model import DropView, LLMReducer
 
 BUDGET_STAGES = (1 / 16, 1 / 4, 1 / 2)  # budget_kwargs' stage layers as fractions of the depth ([2, 8, 16] of 32)
@@ -164,37 +162,3 @@ def layer_average(schedule: list[tuple[int, int]], depth: int) -> float:
     """Image tokens averaged over the ``depth`` layers: ``sum_l n_l / L`` (the budget PDrop tables use)."""
     bounds = [layer for layer, _ in schedule[1:]] + [depth]
     return sum(count * (end - start) for (start, count), end in zip(schedule, bounds)) / depth
-
-
-def query_attention(
-    hidden: torch.Tensor,
-    layer: nn.Module,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    attention_mask: torch.Tensor,
-    query_index: torch.Tensor,
-) -> torch.Tensor:
-    """Head-averaged attention of each row's query token to every position, as ``layer`` would compute it.
-
-    Args:
-        hidden: ``[B, T, D]`` the layer's input hidden states.
-        layer: a Llama decoder layer (its ``input_layernorm`` and ``self_attn`` projections are used).
-        position_embeddings: RoPE ``(cos, sin)``, each ``[B or 1, T, d_head]``.
-        attention_mask: ``[B, T]`` bool real tokens.
-        query_index: ``[B]`` position of each row's query (the last prompt token).
-
-    Returns:
-        ``[B, T]`` float32 probabilities (zero at padding and after the query).
-    """
-    attn = layer.self_attn
-    b, t, _ = hidden.shape
-    rows = torch.arange(b, device=hidden.device)
-    normed = layer.input_layernorm(hidden)
-    keys = attn.k_proj(normed).view(b, t, -1, attn.head_dim).transpose(1, 2)  # [B, H_kv, T, d]
-    query = attn.q_proj(normed[rows, query_index][:, None]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-    cos, sin = (e.expand(b, -1, -1) for e in position_embeddings)
-    _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
-    query, _ = apply_rotary_pos_emb(query, query, cos[rows, query_index][:, None], sin[rows, query_index][:, None])
-    logits = (query @ repeat_kv(keys, attn.num_key_value_groups).transpose(2, 3)).float() * attn.scaling
-    allowed = attention_mask.bool() & (torch.arange(t, device=hidden.device)[None] <= query_index[:, None])
-    logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
