@@ -212,6 +212,16 @@ class VisionReducer(Reducer):
             )
 
     @staticmethod
+    def check_tokens(reducer_type: str, tokens: Any, shapes: ReducerShapes) -> None:
+        """``reducer_kwargs.tokens``: a count of patches one image has."""
+        check_int("tokens", tokens, 1)
+        if tokens > shapes.num_patches:
+            raise ReducerConfigError(
+                f"reducer_kwargs.tokens={tokens} exceeds the {shapes.num_patches} patches of the "
+                f"{shapes.grid_h}x{shapes.grid_w} grid (reducer_type '{reducer_type}')"
+            )
+
+    @staticmethod
     def check_attn_layer(params: ReducerParams, shapes: ReducerShapes) -> None:
         """``params.attn_layer`` must name a hidden state that an encoder block consumes."""
         depth = shapes.num_vision_blocks

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .base import MacDims, ReducerConfigError, ReducerParams, ReducerShapes, check_budget, check_fraction, check_int
-from .fastv import SUPPORTED_LLMS, kept_image_tokens
+from .base import MacDims, ReducerParams, ReducerShapes, check_budget, check_fraction, check_int
+from .fastv import kept_image_tokens
 from .language_model import DropView, LLMReducer
 
 
@@ -56,11 +56,7 @@ class DART(LLMReducer):
         check_fraction("r", params.r)
         check_int("image_pivots", params.image_pivots, 1)
         check_int("text_pivots", params.text_pivots, 0)
-        if shapes.text_model_type not in SUPPORTED_LLMS:
-            raise ReducerConfigError(
-                f"reducer_type '{reducer_type}' runs inside a Llama-style decoder; text_config.model_type is "
-                f"{shapes.text_model_type!r} (supported: {list(SUPPORTED_LLMS)})"
-            )
+        cls.check_model(reducer_type, shapes)
 
     @classmethod
     def budget_kwargs(cls, reducer_type: str, tokens: int, shapes: ReducerShapes) -> dict:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MacDims, ReducerConfigError, ReducerParams, ReducerShapes, VisionReducer, check_budget, check_int
+from .base import MacDims, ReducerParams, ReducerShapes, VisionReducer, check_budget
 
 
 @dataclass
@@ -74,12 +74,7 @@ class DivPrune(VisionReducer):
 
     @classmethod
     def check(cls, reducer_type: str, params: DivPruneParams, shapes: ReducerShapes) -> None:
-        check_int("tokens", params.tokens, 1)
-        if params.tokens > shapes.num_patches:
-            raise ReducerConfigError(
-                f"reducer_kwargs.tokens={params.tokens} exceeds the {shapes.num_patches} patches of the "
-                f"{shapes.grid_h}x{shapes.grid_w} grid (reducer_type '{reducer_type}')"
-            )
+        cls.check_tokens(reducer_type, params.tokens, shapes)
         cls.check_model(reducer_type, shapes)
 
     @classmethod

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import MacDims, ReducerConfigError, ReducerParams, ReducerShapes, VisionReducer, check_budget, check_int
+from .base import MacDims, ReducerParams, ReducerShapes, VisionReducer, check_budget, check_int
 from .cls_attention import check_cls_input, cls_attention_heads, cls_attention_macs, gather_tokens, top_patches
 
 
@@ -44,10 +44,7 @@ class FasterVLM(VisionReducer):
         check_int("tokens", params.tokens, 1)
         cls.check_model(reducer_type, shapes)
         cls.check_attn_layer(params, shapes)
-        if params.tokens > shapes.num_patches:
-            raise ReducerConfigError(
-                f"reducer_kwargs.tokens={params.tokens} exceeds the {shapes.num_patches} patches of one image"
-            )
+        cls.check_tokens(reducer_type, params.tokens, shapes)
 
     @classmethod
     def image_tokens(cls, params: FasterVLMParams, shapes: ReducerShapes) -> int:

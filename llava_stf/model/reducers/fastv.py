@@ -18,11 +18,8 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from .base import MacDims, ReducerConfigError, ReducerParams, ReducerShapes, check_budget, check_fraction, check_int
+from .base import MacDims, ReducerParams, ReducerShapes, check_budget, check_fraction, check_int
 from .language_model import DropView, LLMReducer
-
-# Decoders whose layers follow transformers' Llama layout (input_layernorm, self_attn.{q,k}_proj, RoPE).
-SUPPORTED_LLMS = ("llama",)
 
 
 @dataclass
@@ -45,11 +42,7 @@ class FastV(LLMReducer):
     def check(cls, reducer_type: str, params: FastVParams, shapes: ReducerShapes) -> None:
         check_int("k", params.k, 1)
         check_fraction("r", params.r)
-        if shapes.text_model_type not in SUPPORTED_LLMS:
-            raise ReducerConfigError(
-                f"reducer_type '{reducer_type}' runs inside a Llama-style decoder; text_config.model_type is "
-                f"{shapes.text_model_type!r} (supported: {list(SUPPORTED_LLMS)})"
-            )
+        cls.check_model(reducer_type, shapes)
 
     @classmethod
     def budget_kwargs(cls, reducer_type: str, tokens: int, shapes: ReducerShapes) -> dict:

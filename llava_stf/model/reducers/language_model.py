@@ -34,7 +34,7 @@ from torch import nn
 from transformers import LlamaModel
 from transformers.masking_utils import create_causal_mask
 
-from .base import Reducer
+from .base import Reducer, ReducerConfigError, ReducerShapes
 
 # ------------------------------------------------------------------------------------------------ the contract
 
@@ -54,10 +54,23 @@ class DropView:
     model: nn.Module  # the language model running (its later layers and final norm may be used for scoring)
 
 
+# Decoders whose layers follow transformers' Llama layout (input_layernorm, self_attn.{q,k}_proj, RoPE).
+SUPPORTED_LLMS = ("llama",)
+
+
 class LLMReducer(Reducer):
     """Base of in-LLM reducers: which layers see fewer tokens, and which tokens survive there."""
 
     stage = "llm"
+
+    @classmethod
+    def check_model(cls, reducer_type: str, shapes: ReducerShapes) -> None:
+        """In-LLM reducers run inside a Llama-style decoder (call from ``check``)."""
+        if shapes.text_model_type not in SUPPORTED_LLMS:
+            raise ReducerConfigError(
+                f"reducer_type '{reducer_type}' runs inside a Llama-style decoder; text_config.model_type is "
+                f"{shapes.text_model_type!r} (supported: {list(SUPPORTED_LLMS)})"
+            )
 
     def drop_layers(self) -> list[int]:
         """Ascending layers that see a shorter sequence than the one before (each >= 1); empty: a no-op."""
@@ -318,6 +331,7 @@ def install_llm_reducer(language_model: nn.Module, reducer: Reducer) -> nn.Modul
 
 
 __all__ = [
+    "SUPPORTED_LLMS",
     "DropState",
     "DropView",
     "LLMReducer",

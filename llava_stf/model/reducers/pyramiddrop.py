@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .base import MacDims, ReducerConfigError, ReducerParams, ReducerShapes, check_budget, check_fraction, check_int
-from .fastv import SUPPORTED_LLMS, fastv_score_macs, query_attention
+from .fastv import fastv_score_macs, query_attention
 from .language_model import DropView, LLMReducer
 
 BUDGET_STAGES = (1 / 16, 1 / 4, 1 / 2)  # budget_kwargs' stage layers as fractions of the depth ([2, 8, 16] of 32)
@@ -71,11 +71,7 @@ class PyramidDrop(LLMReducer):
         if any(b <= a for a, b in zip(layers, layers[1:])):
             raise ReducerConfigError(f"reducer_kwargs.layers must be strictly ascending, got {layers}")
         check_fraction("ratio", params.ratio)
-        if shapes.text_model_type not in SUPPORTED_LLMS:
-            raise ReducerConfigError(
-                f"reducer_type '{reducer_type}' runs inside a Llama-style decoder; text_config.model_type is "
-                f"{shapes.text_model_type!r} (supported: {list(SUPPORTED_LLMS)})"
-            )
+        cls.check_model(reducer_type, shapes)
 
     @classmethod
     def budget_kwargs(cls, reducer_type: str, tokens: int, shapes: ReducerShapes) -> dict:

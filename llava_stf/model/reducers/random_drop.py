@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import ReducerConfigError, ReducerParams, ReducerShapes, VisionReducer, check_budget, check_int
+from .base import ReducerParams, ReducerShapes, VisionReducer, check_budget, check_int
 
 
 @dataclass
@@ -41,13 +41,8 @@ class RandomDrop(VisionReducer):
 
     @classmethod
     def check(cls, reducer_type: str, params: RandomDropParams, shapes: ReducerShapes) -> None:
-        check_int("tokens", params.tokens, 1)
+        cls.check_tokens(reducer_type, params.tokens, shapes)
         check_int("seed", params.seed, 0)
-        if params.tokens > shapes.num_patches:
-            raise ReducerConfigError(
-                f"reducer_kwargs.tokens={params.tokens} exceeds the {shapes.num_patches} patches of the "
-                f"{shapes.grid_h}x{shapes.grid_w} grid (reducer_type '{reducer_type}')"
-            )
         cls.check_model(reducer_type, shapes)
 
     @classmethod

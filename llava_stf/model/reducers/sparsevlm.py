@@ -38,7 +38,6 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from .base import MacDims, ReducerConfigError, ReducerParams, ReducerShapes, check_budget, check_fraction, check_int
-from .fastv import SUPPORTED_LLMS
 from .language_model import DropView, LLMReducer, gather_plan
 
 PUBLISHED_LAYERS = (2, 6, 15)  # scoring layers of a 32-layer LLM (pruning_loc)
@@ -109,11 +108,7 @@ class SparseVLM(LLMReducer):
 
     @classmethod
     def check(cls, reducer_type: str, params: SparseVLMParams, shapes: ReducerShapes) -> None:
-        if shapes.text_model_type not in SUPPORTED_LLMS:
-            raise ReducerConfigError(
-                f"reducer_type '{reducer_type}' runs inside a Llama-style decoder; text_config.model_type is "
-                f"{shapes.text_model_type!r} (supported: {list(SUPPORTED_LLMS)})"
-            )
+        cls.check_model(reducer_type, shapes)
         check_fraction("recycle", params.recycle)
         check_int("cluster_size", params.cluster_size, 1)
         last = shapes.num_text_layers - 2

@@ -34,7 +34,6 @@ from torch import nn
 
 from .base import (
     MacDims,
-    ReducerConfigError,
     ReducerParams,
     ReducerShapes,
     VisionReducer,
@@ -87,10 +86,7 @@ class VisPruner(VisionReducer):
         check_int("duplicates_per_round", params.duplicates_per_round, 1)
         cls.check_model(reducer_type, shapes)
         cls.check_attn_layer(params, shapes)
-        if params.tokens > shapes.num_patches:
-            raise ReducerConfigError(
-                f"reducer_kwargs.tokens={params.tokens} exceeds the {shapes.num_patches} patches of one image"
-            )
+        cls.check_tokens(reducer_type, params.tokens, shapes)
 
     @classmethod
     def image_tokens(cls, params: VisPrunerParams, shapes: ReducerShapes) -> int:
