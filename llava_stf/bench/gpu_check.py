@@ -59,7 +59,7 @@ def steps(dry_run: bool, work: Path) -> list[Step]:
                 "--reducers",
                 "all",
                 "--tokens",
-                *(["8", "16"] if small else ["64", "192"]),
+                *(["24", "32"] if small else ["64", "192"]),
                 "--also",
                 "mbtf_stf",
                 "tokenpacker",
