@@ -20,9 +20,15 @@ class Clock(LogitsProcessor):
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def hook(self, name: str):
+    def hook(self, name: str, last: bool = False):
+        """A hook that marks ``name`` at its first call (``last``: at its last call, e.g. the end of a module that a
+        reducer may also call on the way, such as DART's use of the final norm)."""
+
         def record(*_) -> None:  # returns None: a pre-hook must not replace the module's input
-            self.marks.setdefault(name, self.now())
+            if last:
+                self.marks[name] = self.now()
+            else:
+                self.marks.setdefault(name, self.now())
 
         return record
 
@@ -36,10 +42,10 @@ def prefill(model, ids, pixels, clock: Clock) -> tuple[dict[str, float], object,
     inner, lm, lengths = model.model, model.model.language_model, []
     parts = {"vision": inner.vision_tower, "proj": inner.multi_modal_projector}
     hooks = [m.register_forward_pre_hook(clock.hook(f"{n}0")) for n, m in parts.items()]
-    hooks += [m.register_forward_hook(clock.hook(f"{n}1")) for n, m in parts.items()]
+    hooks += [m.register_forward_hook(clock.hook(f"{n}1", last=True)) for n, m in parts.items()]
     hooks += [
         lm.layers[0].register_forward_pre_hook(clock.hook("llm0")),
-        lm.norm.register_forward_hook(clock.hook("llm1")),
+        lm.norm.register_forward_hook(clock.hook("llm1", last=True)),
     ]
     hooks += [lm.layers[-1].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))]
     reducer, spent = getattr(lm, "reducer", None), []  # an in-LLM reducer: time its choices inside the LLM
