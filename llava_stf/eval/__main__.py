@@ -257,7 +257,7 @@ def image_limits(args: argparse.Namespace) -> ImageLimits:
 
 
 def options_of(args: argparse.Namespace) -> Options:
-    return Options(args.split, args.all_rounds, args.questions, args.image_folder, args.ground_truth)
+    return Options(args.split, args.all_rounds, args.questions, args.image_folder, args.ground_truth, args.limit)
 
 
 def _check_options(args: argparse.Namespace, benches: Sequence[Benchmark]) -> None:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from eval_fixtures import save_image, write_jsonl
+from eval_fixtures import make_gqa, make_pope, save_image, write_jsonl
 
 import llava_stf.eval.__main__ as cli
 from llava_stf.eval.answers import read_jsonl
@@ -103,3 +103,15 @@ def test_reducer_mistakes_are_one_line_before_loading(tmp_path, checkpoint, monk
     monkeypatch.setattr(cli, "load_checkpoint", lambda *a, **k: pytest.fail("no model may be loaded"))
     assert _eval(tmp_path, checkpoint, *flags) == 1
     assert message in _error_line(capsys)
+
+
+def test_limit_scores_the_questions_asked_on_official_layouts(tmp_path, checkpoint, model_id):
+    """GQA and POPE score over every gold question; a --limit run is scored over the questions it asked."""
+    make_gqa(tmp_path)
+    make_pope(tmp_path)
+    argv = ["--model-path", str(checkpoint), "--data-root", str(tmp_path), "--no-progress", "--max-new-tokens", "2"]
+    assert cli.main(["--benchmark", "gqa", "pope", *argv, "--limit", "2"]) == 0
+    results = json.loads((tmp_path / "results" / f"{model_id}-first2" / "results.json").read_text())
+    scored = results["benchmarks"]
+    assert results["limit"] == 2 and scored["gqa/llava_gqa_testdev_balanced"]["metrics"]["questions"] == 2
+    assert list(scored["pope/llava_pope_test"]["metrics"]["splits"]) == ["adversarial"]
