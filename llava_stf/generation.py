@@ -28,6 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 from .data.conversation import HUMAN, IMAGE_TOKEN, Turn, get_template
 from .loading import QUANTIZED_BITS, check_checkpoint, default_device, load_checkpoint, quantization_config
 from .model import LlavaStfProcessor  # importing .model registers llava_stf with the Auto classes
+from .reducer_choice import ReducerChoice
 
 StreamCallback = Callable[[int, str], None]  # (row index in the batch, newly decoded text)
 
@@ -146,10 +147,14 @@ class Generator:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        reducer: ReducerChoice | None = None,
     ) -> Generator:
-        """``Generator(*load_checkpoint(path, device, dtype))``."""
-        return cls(*load_checkpoint(path, device, dtype))
+        """``Generator(*load_checkpoint(path, device, dtype, reducer=reducer))``."""
+        return cls(*load_checkpoint(path, device, dtype, reducer=reducer))
 
     @property
     def device(self) -> torch.device:

@@ -2,7 +2,8 @@
 
 Shared by the generation helper (evaluation, chat, the lmms-eval plugin). A folder that is not a llava_stf checkpoint
 (a LoRA adapter, a stage-1 projector-only folder, another model type, no processor) is refused with a reason before
-anything heavy is loaded.
+anything heavy is loaded. ``load_checkpoint(..., reducer=ReducerChoice(...))`` runs any checkpoint with another token
+reducer (or none): the one place evaluation and chat apply ``--reducer`` (see ``llava_stf.reducer_choice``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
-from .model import LlavaStfProcessor  # importing .model registers llava_stf with the Auto classes
+from .model import LlavaStfConfig, LlavaStfProcessor  # importing .model registers llava_stf with the Auto classes
+from .reducer_choice import ReducerChoice
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -103,6 +105,7 @@ def load_checkpoint(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     load_in_bits: int | None = None,
+    reducer: ReducerChoice | None = None,
 ) -> tuple[torch.nn.Module, LlavaStfProcessor]:
     """Load ``(model, processor)`` from a checkpoint folder with transformers' Auto classes, in eval mode.
 
@@ -112,24 +115,34 @@ def load_checkpoint(
         dtype: Weight dtype (default: float16 on a GPU, as LLaVA evaluates, float32 on a CPU).
         load_in_bits: 8 or 4 to quantize the LLM with bitsandbytes (``quantization_config``); needs a CUDA device
             and the ``bitsandbytes`` package.
+        reducer: Another token reducer than the one saved (``ReducerChoice(None)``: none); the processor then
+            writes that reducer's image-token count.
 
     Raises:
         FileNotFoundError: If ``path`` is not a folder.
-        ValueError: If ``path`` is not a llava_stf checkpoint (``check_checkpoint``), or quantization is asked for
-            on a device other than CUDA.
+        ValueError: If ``path`` is not a llava_stf checkpoint (``check_checkpoint``), quantization is asked for
+            on a device other than CUDA, or ``reducer`` cannot run on this checkpoint (``ReducerConfigError``).
     """
     path = Path(path)
     check_checkpoint(path)
+    config = reducer.resolve(LlavaStfConfig.from_pretrained(path)).config if reducer is not None else None
+    overrides = {"config": config} if config is not None else {}
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     if load_in_bits is None:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **overrides).to(device)
     else:
         if device.type != "cuda":
             raise ValueError(f"{load_in_bits}-bit loading needs a CUDA device (bitsandbytes), got {device}")
         model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, quantization_config=quantization_config(load_in_bits, dtype), device_map={"": device}
+            path,
+            dtype=dtype,
+            quantization_config=quantization_config(load_in_bits, dtype),
+            device_map={"": device},
+            **overrides,
         )
     processor = AutoProcessor.from_pretrained(path)
+    if config is not None:
+        processor.num_image_tokens = config.num_image_tokens
     return model.eval(), processor

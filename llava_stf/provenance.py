@@ -7,15 +7,17 @@ table: weights, config, processor and tokenizer files), name and bytes, in name 
 file, weight shards in parallel: seconds for a 7B checkpoint); a file's hash is cached within a process by (path,
 size, mtime), so a second look at the same checkpoint costs a ``stat`` per file.
 
-``Provenance`` bundles the three things an answers file depends on (checkpoint digest, question-file digest,
-generation settings) and ``Provenance.differences`` names which of them differ between two records; the evaluation
-reuses answers only when none does.
+``Provenance`` bundles the things an answers file depends on (checkpoint digest, question-file digest, generation
+settings, and the token reducer when one is chosen at load time instead of the checkpoint's own: ``--reducer``) and
+``Provenance.differences`` names which of them differ between two records; the evaluation reuses answers only when
+none does.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -104,12 +106,15 @@ class Provenance:
     checkpoint_path: str = ""  # where the checkpoint was (informative only: not compared)
     questions_path: str = ""  # where the question file was (informative only)
     extra: Mapping[str, Any] = field(default_factory=dict)  # further informative fields (model id, adopted, ...)
+    reducer: Mapping[str, Any] | None = None  # {"type", "kwargs"} chosen at load time; None: the checkpoint's own
 
     def to_json(self) -> dict[str, Any]:
+        reducer = {} if self.reducer is None else {"reducer": dict(self.reducer)}
         return {
             "checkpoint": {"digest": self.checkpoint, "path": self.checkpoint_path},
             "questions": {"digest": self.questions, "path": self.questions_path},
             "generation": dict(self.generation),
+            **reducer,
             **self.extra,
         }
 
@@ -122,7 +127,9 @@ class Provenance:
         """
         try:
             checkpoint, questions = data["checkpoint"], data["questions"]
-            extra = {k: v for k, v in data.items() if k not in ("checkpoint", "questions", "generation")}
+            known = ("checkpoint", "questions", "generation", "reducer")
+            extra = {k: v for k, v in data.items() if k not in known}
+            reducer = data.get("reducer")
             return cls(
                 checkpoint["digest"],
                 questions["digest"],
@@ -130,12 +137,14 @@ class Provenance:
                 checkpoint.get("path", ""),
                 questions.get("path", ""),
                 extra,
+                dict(reducer) if reducer is not None else None,
             )
         except (KeyError, TypeError) as err:
             raise ValueError(f"not a provenance record (missing {err})") from None
 
     def differences(self, current: Provenance) -> list[str]:
-        """One phrase per differing part (checkpoint, questions, generation settings), recorded vs ``current``."""
+        """One phrase per differing part (checkpoint, questions, generation settings, reducer), recorded vs
+        ``current``."""
         out = []
         if self.checkpoint != current.checkpoint:
             out.append(
@@ -155,7 +164,21 @@ class Provenance:
                 if self.generation.get(k) != current.generation.get(k)
             ]
             out.append(f"generation settings: {', '.join(changed)}")
+        if _plain(self.reducer) != _plain(current.reducer):
+            out.append(f"reducer: recorded {_reducer_text(self.reducer)}, now {_reducer_text(current.reducer)}")
         return out
+
+
+def _plain(reducer: Mapping[str, Any] | None) -> Any:
+    return None if reducer is None else json.loads(json.dumps(reducer, sort_keys=True))
+
+
+def _reducer_text(reducer: Mapping[str, Any] | None) -> str:
+    if reducer is None:
+        return "the checkpoint's own"
+    if reducer.get("type") is None:
+        return "none"
+    return f"{reducer['type']} {json.dumps(reducer.get('kwargs') or {}, sort_keys=True)}"
 
 
 __all__ = ["CHECKPOINT_FILES", "Provenance", "checkpoint_digest", "checkpoint_files", "file_digest", "short"]

@@ -15,6 +15,12 @@ matches this run; otherwise the run stops before loading anything, naming what d
 over: it deletes earlier answers only after the questions, images and checkpoint are checked and the model has
 loaded. ``--adopt-answers`` takes answers without a record (upstream LLaVA's) as this run's. Everything is read and
 checked before any model loads; an ordinary failure is one ``error: ...`` line (``--debug``: the traceback).
+
+Token reducers on any checkpoint: ``--reducer NAME [--reducer-kwargs JSON | --tokens N]`` (``--reducer none`` removes
+one the checkpoint has; see ``llava_stf.reducer_choice``). ``--tokens N`` takes the reducer's own rule for a budget of
+N image tokens, and the mapping is printed. The reducer and its settings join the provenance and the model id
+(``stage2-1a2b3c4d+fastv@64``), so answers with another reducer or budget are never reused. ``--limit N`` answers
+and scores the first N questions only (model id ``...-first<N>``): a quick look, not the benchmark's score.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from ..data.images import ImageLimits
 from ..errors import EXPECTED, UserError, add_debug_flag, run_main
 from ..generation import GenerationSettings, Generator, default_device, load_checkpoint
 from ..loading import DTYPES, check_checkpoint
-from ..provenance import Provenance, checkpoint_digest, file_digest, short
+from ..model import LlavaStfConfig
+from ..provenance import Provenance, file_digest
+from ..reducer_choice import ReducerChoice, add_reducer_flags, choice_from_args
 from .answers import has_answers, read_provenance, write_provenance
 from .benchmarks import BENCHMARKS, PAPER_BENCHMARKS, VQA, Benchmark, Options, Result, get_benchmark
 from .engine import (
@@ -47,34 +55,27 @@ from .engine import (
     remove_answers,
     run_shard,
 )
+from .identity import Identity, identity_of
+from .identity import default_model_id as default_model_id  # re-exported: callers name these from here
+from .identity import model_id_from_path as model_id_from_path
 from .results import PAPER_ROWS, format_table, load_results, results_file, table_row, update_results
 
 logger = logging.getLogger("llava_stf.eval")
 
 
-def model_id_from_path(path: str | Path) -> str:
-    """Upstream's name for a checkpoint: its folder name (``<parent>_checkpoint-N`` for Trainer checkpoints)."""
-    path = Path(path).resolve()
-    return f"{path.parent.name}_{path.name}" if path.name.startswith("checkpoint-") else path.name
-
-
-def default_model_id(path: str | Path, digest: str) -> str:
-    """The folder name plus the first digits of the content digest: ``stage2-1a2b3c4d``."""
-    return f"{model_id_from_path(path)}-{short(digest)}"
-
-
-def model_identity(args: argparse.Namespace) -> tuple[Path, str, str]:
-    """``(checkpoint path, its content digest, model id)`` of the first ``--model-path`` (``--model-id`` wins)."""
-    model_path = args.model_path[0]
-    digest = checkpoint_digest(model_path)
-    return model_path, digest, args.model_id[0] if args.model_id else default_model_id(model_path, digest)
+def model_identity(args: argparse.Namespace) -> Identity:
+    """The identity of the first ``--model-path`` with ``--reducer`` and ``--limit`` (``--model-id`` names it)."""
+    model_id = args.model_id[0] if args.model_id else None
+    return identity_of(args.model_path[0], model_id, choice_from_args(args), args.limit)
 
 
 class LazyGenerator:
     """Loads the checkpoint on first use only, so runs with nothing left to answer never load a model."""
 
-    def __init__(self, model_path: Path, device: torch.device, dtype: torch.dtype | None):
-        self.model_path, self.device, self.dtype = model_path, device, dtype
+    def __init__(
+        self, model_path: Path, device: torch.device, dtype: torch.dtype | None, reducer: ReducerChoice | None = None
+    ):
+        self.model_path, self.device, self.dtype, self.reducer = model_path, device, dtype, reducer
         self.generator: Generator | None = None
 
     @property
@@ -92,7 +93,8 @@ class LazyGenerator:
         if self.generator is None:
             logger.info("loading %s on %s", self.model_path, self.device)
             try:
-                self.generator = Generator(*load_checkpoint(self.model_path, self.device, self.dtype))
+                loaded = load_checkpoint(self.model_path, self.device, self.dtype, reducer=self.reducer)
+                self.generator = Generator(*loaded)
             except EXPECTED:
                 raise
             except Exception as err:  # safetensors, torch and transformers each raise their own types
@@ -116,8 +118,7 @@ class Job:
 def plan(
     args: argparse.Namespace,
     benches: Sequence[Benchmark],
-    model_id: str,
-    digest: str,
+    identity: Identity,
     load: LazyGenerator,
     shard: Shard,
     replace_stale: bool = False,
@@ -125,6 +126,7 @@ def plan(
     """Read every question file, compare saved answers' provenance and check every image; nothing is written.
 
     Args:
+        identity: The checkpoint, model id and reducer the answers are filed under.
         replace_stale: Start over wherever saved answers do not match (instead of refusing); the demo's choice.
 
     Raises:
@@ -132,18 +134,20 @@ def plan(
         QuestionFileError, ImageCheckError, FileNotFoundError: For bad or missing inputs.
     """
     options, jobs, refusals, unrecorded_any = options_of(args), [], [], False
+    model_id, reducer = identity.model_id, identity.reducer
     for bench in benches:
-        samples = bench.samples(args.data_root, options)
+        samples = bench.samples(args.data_root, options)[: args.limit]
         question_file = bench.question_file(args.data_root, options)
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens or bench.max_new_tokens)
         generation = {**dataclasses.asdict(settings), "dtype": load.dtype_name}
         provenance = Provenance(
-            checkpoint=digest,
+            checkpoint=identity.digest,
             questions=file_digest(question_file),
             generation=generation,
             checkpoint_path=str(Path(load.model_path).resolve()),
             questions_path=str(question_file.resolve()),
-            extra={"model_id": model_id},
+            extra={"model_id": model_id, **({"reducer_tokens": reducer.tokens} if reducer else {})},
+            reducer=reducer.record() if reducer is not None else None,
         )
         answers_file = bench.answers_file(args.data_root, model_id, options)
         try:
@@ -220,6 +224,7 @@ def run_job(job: Job, load: LazyGenerator, args: argparse.Namespace, model_id: s
         "notes": list(result.notes),
     }
     top = {"model_id": model_id, "model_digest": job.provenance.checkpoint, "model_path": str(load.model_path)}
+    top.update(reducer=job.provenance.reducer, limit=args.limit)
     update_results(results_file(args.results_dir, model_id), bench.results_key(options), entry, **top)
     return result
 
@@ -237,11 +242,11 @@ def evaluate(
     if args.overwrite and shard.count > 1:
         raise UserError("--overwrite deletes every chunk's answers; run it once without chunks first")
     check_checkpoint(model_path)
-    model_path, digest, model_id = model_identity(args)
-    load = load or LazyGenerator(model_path, _device(args), DTYPES.get(args.dtype))
+    identity = model_identity(args)
+    load = load or LazyGenerator(identity.path, _device(args), DTYPES.get(args.dtype), choice_from_args(args))
     image_limits(args)  # bad limits are an error before anything else
-    jobs = plan(args, benches, model_id, digest, load, shard, replace_stale)
-    return [(job.bench, run_job(job, load, args, model_id, shard)) for job in jobs]
+    jobs = plan(args, benches, identity, load, shard, replace_stale)
+    return [(job.bench, run_job(job, load, args, identity.model_id, shard)) for job in jobs]
 
 
 def image_limits(args: argparse.Namespace) -> ImageLimits:
@@ -252,7 +257,7 @@ def image_limits(args: argparse.Namespace) -> ImageLimits:
 
 
 def options_of(args: argparse.Namespace) -> Options:
-    return Options(args.split, args.all_rounds, args.questions, args.image_folder, args.ground_truth)
+    return Options(args.split, args.all_rounds, args.questions, args.image_folder, args.ground_truth, args.limit)
 
 
 def _check_options(args: argparse.Namespace, benches: Sequence[Benchmark]) -> None:
@@ -324,6 +329,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="take saved answers that have no provenance record (upstream LLaVA's) as made by this checkpoint, "
         "questions and settings",
     )
+    add_reducer_flags(parser)
+    parser.add_argument("--limit", type=int, help="answer and score the first N questions only (a quick look)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--table", action="store_true", help="print the combined table of --model-path(s)")
     parser.add_argument("--paper", action="store_true", help="with --table: add the published 7B rows")
@@ -341,6 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--table needs --model-path(s) or --model-id(s)")
     if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
         parser.error("--batch-size and --max-new-tokens must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
     return args
 
 
@@ -353,7 +362,8 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 
 def _record(args: argparse.Namespace) -> None:
-    model_path, digest, model_id = model_identity(args)
+    identity = model_identity(args)
+    model_path, digest, model_id = identity.path, identity.digest, identity.model_id
     options = Options(split=args.split)
     for item in args.record:
         name, _, score = item.partition("=")
@@ -365,6 +375,7 @@ def _record(args: argparse.Namespace) -> None:
         entry = {"column": bench.table_column(options), "headline": value, "headline_metric": "server",
                  "source": "server", "split": bench.split(options)}  # fmt: skip
         top = {"model_id": model_id, "model_digest": digest, "model_path": str(model_path)}
+        top.update(reducer=identity.reducer.record() if identity.reducer else None, limit=args.limit)
         update_results(results_file(args.results_dir, model_id), bench.results_key(options), entry, **top)
         print(f"recorded {bench.column} = {value:.1f} for {model_id}")
 
@@ -372,12 +383,18 @@ def _record(args: argparse.Namespace) -> None:
 def _table_ids(args: argparse.Namespace) -> list[str]:
     if args.model_id:
         return list(args.model_id)
-    return [default_model_id(path, checkpoint_digest(path)) for path in args.model_path]
+    choice = choice_from_args(args)
+    return [identity_of(path, None, choice, args.limit).model_id for path in args.model_path]
 
 
 def run(args: argparse.Namespace) -> int:
     """The work of ``main`` (errors propagate; ``main`` turns expected ones into one line)."""
     scored, model_ids = False, []
+    choice = choice_from_args(args)  # bad reducer flags: an error before anything else
+    if choice is not None and args.model_path:
+        check_checkpoint(args.model_path[0])
+        resolved = choice.resolve(LlavaStfConfig.from_pretrained(args.model_path[0]))
+        print(resolved.describe() + ("" if resolved.changed else " (as the checkpoint has it: no change)"))
     if args.record:
         _record(args)
     if args.benchmark:

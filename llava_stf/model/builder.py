@@ -18,7 +18,7 @@ from transformers.modeling_utils import set_zero3_state
 from .configuration_llava_stf import LlavaStfConfig
 from .modeling_llava_stf import LlavaStfForConditionalGeneration, build_projector
 from .processing_llava_stf import LlavaStfProcessor
-from .reducers import install_llm_reducer
+from .reducers import budget_kwargs, install_llm_reducer
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def build_model(
     vision_feature_layer: int | list[int] | None = None,
     reducer_type: str | None = None,
     reducer_kwargs: dict[str, Any] | None = None,
+    reducer_tokens: int | None = None,
     image_aspect_ratio: str = "square",
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
@@ -59,6 +60,8 @@ def build_model(
         vision_feature_layer: hidden-state indices to read; ``None`` uses the projector's default.
         reducer_type: optional token reducer (``prumerge``, ``prumerge_plus``, ``fastv``); see ``model.reducers``.
         reducer_kwargs: the reducer's settings.
+        reducer_tokens: a token budget instead of ``reducer_kwargs``: the reducer's own rule for that many image
+            tokens (``model.reducers.budget_kwargs``).
         image_aspect_ratio: processor image mode, ``"square"`` (stage 1) or ``"pad"`` (stage 2 and eval).
         dtype: load dtype for both towers (``None``: float32).
         attn_implementation: e.g. ``"sdpa"``; ``None`` lets transformers choose.
@@ -85,10 +88,14 @@ def build_model(
         projector_type=projector_type,
         projector_kwargs=projector_kwargs,
         vision_feature_layer=vision_feature_layer,
-        reducer_type=reducer_type,
-        reducer_kwargs=reducer_kwargs,
         tie_word_embeddings=bool(getattr(language.config, "tie_word_embeddings", False)),
     )
+    if reducer_tokens is not None:
+        if reducer_type is None or reducer_kwargs is not None:
+            raise ValueError("reducer_tokens needs a reducer_type and chooses its settings itself (no reducer_kwargs)")
+        reducer_kwargs = budget_kwargs(reducer_type, reducer_tokens, config.reducer_shapes())
+        logger.info("reducer %s @ %d tokens: %s", reducer_type, reducer_tokens, reducer_kwargs)
+    config = config.with_reducer(reducer_type, reducer_kwargs) if reducer_type is not None else config
     # Build the shell on the meta device, then move the loaded towers in: nothing 7B-sized is allocated twice.
     # set_zero3_state: under DeepSpeed ZeRO-3, keep transformers from wrapping the shell's sub-models in zero.Init
     # (it cannot partition meta tensors); the towers loaded above are partitioned already, the projector later.

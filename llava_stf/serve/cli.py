@@ -24,6 +24,9 @@ corrupt or over the limits, URL unreachable, too slow or too large, a folder tha
 CUDA or bitsandbytes for ``--device cuda`` / ``--load-4bit``, a bad flag value, undecodable input) prints one
 ``error:`` line on stderr and exits with status 1. ``--debug`` (or ``LLAVA_STF_DEBUG=1``) shows the traceback instead,
 and prints each prompt and answer as a JSON line on stderr.
+
+``--reducer NAME [--reducer-kwargs JSON | --tokens N]`` chats with the checkpoint under another token reducer (``none``
+removes its own), loaded as evaluation loads it (``llava_stf.reducer_choice``); the mapping of ``--tokens`` is printed.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from ..data.images import IMAGE_TOO_LARGE, ImageLimits
 from ..errors import DEBUG_ENV, UserError, debug_requested, run_main
 from ..generation import GenerationSettings, Generator, check_checkpoint, default_device, load_checkpoint
 from ..loading import DTYPES
+from ..model import LlavaStfConfig
+from ..reducer_choice import ReducerChoice, add_reducer_flags, choice_from_args
 from .chat import ChatError, ChatSession
 from .images import DEFAULT_TIMEOUT, ImageSourceError, open_image_source
 
@@ -67,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     bits = parser.add_mutually_exclusive_group()
     bits.add_argument("--load-8bit", action="store_true", help="quantize the LLM to 8 bits (bitsandbytes, CUDA)")
     bits.add_argument("--load-4bit", action="store_true", help="quantize the LLM to 4-bit NF4 (bitsandbytes, CUDA)")
+    add_reducer_flags(parser)
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to download an image URL")
     limits = ImageLimits()
     parser.add_argument(
@@ -104,11 +110,13 @@ def check_model_path(path: Path) -> None:
     check_checkpoint(path)  # FileNotFoundError / ValueError with a one-line reason
 
 
-def load_generator(args: argparse.Namespace, device: torch.device, load_in_bits: int | None) -> Generator:
+def load_generator(
+    args: argparse.Namespace, device: torch.device, load_in_bits: int | None, reducer: ReducerChoice | None = None
+) -> Generator:
     """The checkpoint's ``Generator``; any failure while loading it becomes a one-line ``UserError``."""
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
     try:
-        return Generator(*load_checkpoint(args.model_path, device, dtype, load_in_bits))
+        return Generator(*load_checkpoint(args.model_path, device, dtype, load_in_bits, reducer=reducer))
     except Exception as err:  # a loading boundary: any failure is about the checkpoint, reported in one line
         if debug_requested(args.debug):
             raise
@@ -256,12 +264,16 @@ def run(args: argparse.Namespace) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     limits = image_limits(args)
     check_model_path(args.model_path)
+    reducer = choice_from_args(args)
+    if reducer is not None:  # an unknown name, a budget out of range: one line before anything loads
+        print(reducer.resolve(LlavaStfConfig.from_pretrained(args.model_path)).describe(), file=sys.stderr)
     image = None if args.image_file is None else open_image(args.image_file, args.timeout, limits)
-    generator = load_generator(args, device, load_in_bits)
+    generator = load_generator(args, device, load_in_bits, reducer)
     session = ChatSession(generator, image, settings)
     processor, config = generator.processor, generator.model.config
     print(
-        f"loaded {args.model_path}: projector {getattr(config, 'projector_type', '?')}, {processor.num_image_tokens} "
+        f"loaded {args.model_path}: projector {getattr(config, 'projector_type', '?')}, "
+        f"reducer {getattr(config, 'reducer_type', None) or 'none'}, {processor.num_image_tokens} "
         f"image tokens, template {processor.conversation_template}, image mode {processor.image_aspect_ratio}, "
         f"{generator.device} {next(generator.model.parameters()).dtype}",
         file=sys.stderr,

@@ -43,8 +43,11 @@ class ModelArguments:
     projector_type: str | None = field(default=None, metadata={"help": "PROJECTORS name (default mbtf_stf)"})
     projector_kwargs: dict | str | None = field(default=None, metadata={"help": "projector settings (JSON on CLI)"})
     vision_feature_layer: list[int] | None = field(default=None, metadata={"help": "vision hidden-state indices"})
-    reducer_type: str | None = field(default=None, metadata={"help": "REDUCERS name: prumerge | prumerge_plus | fastv"})
+    reducer_type: str | None = field(default=None, metadata={"help": "REDUCERS name (llava_stf.model.REDUCERS)"})
     reducer_kwargs: dict | str | None = field(default=None, metadata={"help": "reducer settings (JSON on CLI)"})
+    reducer_tokens: int | None = field(
+        default=None, metadata={"help": "token budget: the reducer's settings for N image tokens (not with kwargs)"}
+    )
     pretrained_projector: str | None = field(
         default=None, metadata={"help": "stage-1 output folder, projector .safetensors, or LLaVA mm_projector.bin"}
     )
@@ -161,6 +164,16 @@ def _finish(model: ModelArguments, data: DataArguments, stage: StageArguments) -
                 setattr(model, name, json.loads(value))
             except ValueError as err:
                 raise UserError(f"{name} must be a JSON object, got {value!r} ({err})") from None
+    if model.reducer_tokens is not None:
+        if model.reducer_type is None:
+            raise UserError(f"reducer_tokens={model.reducer_tokens} needs a reducer_type (the method it budgets)")
+        if model.reducer_kwargs is not None:
+            raise UserError(
+                f"reducer_tokens={model.reducer_tokens} chooses the reducer's settings itself; give reducer_tokens "
+                f"or reducer_kwargs ({model.reducer_kwargs}), not both"
+            )
+        if isinstance(model.reducer_tokens, bool) or model.reducer_tokens < 1:
+            raise UserError(f"reducer_tokens must be a positive number of image tokens, got {model.reducer_tokens}")
     if isinstance(model.vision_feature_layer, list) and len(model.vision_feature_layer) == 1:
         model.vision_feature_layer = model.vision_feature_layer[0]
     model.projector_type = model.projector_type or "mbtf_stf"

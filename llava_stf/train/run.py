@@ -73,6 +73,7 @@ def build(config: RunConfig, stage: Stage) -> tuple[LlavaStfForConditionalGenera
         vision_feature_layer=m.vision_feature_layer,
         reducer_type=m.reducer_type,
         reducer_kwargs=m.reducer_kwargs,
+        reducer_tokens=m.reducer_tokens,
         image_aspect_ratio=d.image_aspect_ratio or stage.image_aspect_ratio,
         dtype=load_dtype(config),
         attn_implementation=m.attn_implementation,

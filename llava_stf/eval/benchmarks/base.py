@@ -43,6 +43,7 @@ class Options:
     questions: Path | None = None  # a question file of the user's own (benchmarks with ``takes_files`` only)
     image_folder: Path | None = None  # where its images are (default: the question file's folder)
     ground_truth: Path | None = None  # its answers: ``{"question_id", "answer", "category"?}`` lines (optional)
+    limit: int | None = None  # --limit N: only the first N questions were asked; scorers then score those alone
 
 
 @dataclass(frozen=True)

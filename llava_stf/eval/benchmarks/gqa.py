@@ -37,7 +37,10 @@ def _evaluate(
         return Result({}, None, files=files, notes=[missing(gold_file, "GQA question file with answers")])
     questions = json.loads(gold_file.read_text(encoding="utf-8"))
     gold = {str(qid): q["answer"] for qid, q in questions.items() if q.get("isBalanced", True)}
-    accuracy = score_gqa({str(r["question_id"]): r["text"] for r in records}, gold)
+    predictions = {str(r["question_id"]): r["text"] for r in records}
+    if options.limit:  # a --limit run: the questions asked only
+        gold = {qid: answer for qid, answer in gold.items() if qid in predictions}
+    accuracy = score_gqa(predictions, gold)
     return Result({"accuracy": accuracy, "questions": len(gold)}, accuracy, "accuracy", files)
 
 

@@ -56,6 +56,9 @@ def _evaluate(
     for q in questions:
         by_split.setdefault(q["category"], []).append(q)
     answers = {r["question_id"]: r["text"] for r in records}
+    if options.limit:  # a --limit run: the questions asked only (and the splits they belong to)
+        asked = {name: [q for q in qs if q["question_id"] in answers] for name, qs in by_split.items()}
+        by_split = {name: qs for name, qs in asked.items() if qs}
     predictions, labels = {}, {}
     for name, split_questions in sorted(by_split.items()):
         label_file = folder / "coco" / f"coco_pope_{name}.json"

@@ -74,6 +74,8 @@ def _evaluate(
     problems = json.loads(problem_file.read_text(encoding="utf-8"))
     test_ids = json.loads(split_file.read_text(encoding="utf-8"))["test"]
     predictions = {str(r["question_id"]): {"text": r["text"], "prompt": r["prompt"]} for r in records}
+    if options.limit:  # a --limit run: the questions asked only
+        test_ids = [pid for pid in test_ids if str(pid) in predictions]
     metrics = score_sqa({pid: problems[pid] for pid in test_ids}, predictions)
     files = [write_json(folder / "answers" / f"{model_id}_result.json", metrics)]
     return Result(metrics, metrics["img_accuracy"], "img_accuracy", files)
