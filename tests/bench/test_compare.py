@@ -118,7 +118,7 @@ def test_rerun_reuses_every_answer(world, monkeypatch):
     ("change", "message"),
     [
         ({"--model-path": ["missing"]}, "error: checkpoint folder not found: "),
-        ({"--reducers": ["none", "bogus"]}, "error: unknown reducer_type 'bogus'; valid reducer types: ['fastv', "),
+        ({"--reducers": ["none", "bogus"]}, "error: unknown reducer_type 'bogus'; valid reducer types: ['dart', "),
         ({"--tokens": ["0"]}, "error: --tokens must be positive numbers of image tokens, got [0]"),
         ({"--benchmark": ["gqa2"]}, "error: unknown benchmark 'gqa2'; valid benchmarks: gqa"),
     ],

@@ -87,7 +87,7 @@ def test_reducer_none_on_a_checkpoint_without_one_changes_nothing(tmp_path, chec
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--reducer", "bogus"], "unknown reducer_type 'bogus'; valid reducer types: ['fastv', "),
+        (["--reducer", "bogus"], "unknown reducer_type 'bogus'; valid reducer types: ['dart', "),
         (["--reducer", "prumerge", "--tokens", "8"], "reducer_type 'prumerge' has no token budget (its count is adap"),
         (["--reducer", "fastv", "--tokens", "17"], "token budget 17 for reducer_type 'fastv' must be an integer in 1."),
         (["--reducer", "fastv", "--tokens", "0"], "--tokens must be a positive number of image tokens, got 0"),
