@@ -142,3 +142,11 @@ def test_reducer_counts_match_flop_counter_mode(projector, reducer, kwargs):
     with counter, torch.no_grad():
         model(**inputs, logits_to_keep=1)
     assert counter.get_total_flops() == count_flops(config, n_text, reducer_tokens=selected).full
+
+
+def test_report_takes_any_reducer_at_a_budget(capsys):
+    from llava_stf.bench.flops import main
+
+    main(["--preset", "llava-v1.5-7b", "--reducer", "pyramiddrop", "--tokens", "64", "--text-tokens", "64"])
+    last = capsys.readouterr().out.splitlines()[-1].split()
+    assert last[2] == "pyramiddrop" and last[3:5] == ["576", "64"]  # 576 enter the LLM, 64 on layer average
