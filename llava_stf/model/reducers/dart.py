@@ -20,7 +20,9 @@ Where this differs from the released code (which runs one sample whose image sta
 - the count is exact: ``round((1 - R) n)`` image tokens survive, image pivots included. The code keeps the image
   pivots plus ``floor(budget / P)`` tokens per pivot (``P`` pivots), e.g. 4 + 8 x 16 = 132 for "retain 128"; here
   the ``kept - image pivots`` claims are split over the pivots as evenly as possible (earlier ones take one more);
-- pivots claim in ascending position order (the code iterates a Python ``set``); ties go to the lower position.
+- pivots claim in ascending position order (the code iterates a Python ``set``); ties go to the lower position;
+- the whole batch is chosen at once ("top ``c``" as ``rank < c``, the pivots' claims in turn over every row), so a
+  GPU runs a fixed number of kernels with one host synchronisation (the rows' counts), whatever the batch.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .base import MacDims, ReducerParams, ReducerShapes, check_budget, check_fraction, check_int
 from .fastv import kept_image_tokens
-from .language_model import DropView, LLMReducer
+from .language_model import DropView, LLMReducer, gather_plan, host_tensor
 
 
 @dataclass
@@ -94,52 +96,70 @@ class DART(LLMReducer):
         """Survivors ``[B, T]``: every non-image token, the image pivots and the tokens they claim."""
         norms = rotated_keys(view.layer_input, view.layer, view.position_embeddings).float().abs().sum(dim=(1, 3))
         unit = F.normalize(view.model.norm(view.layer_output).float(), dim=-1)  # [B, T, D]
-        t = view.image_mask.shape[1]
-        ar = torch.arange(t, device=norms.device)
-        keep = ~view.image_mask
-        for row in range(view.image_mask.shape[0]):
-            image = view.image_mask[row]
-            if not bool(image.any()):
-                continue
-            first = int(image.nonzero()[0])
-            text = view.attention_mask[row] & ~image & (ar > first) & (ar <= view.query_index[row])
-            keep[row] |= self.keep_row(norms[row], unit[row], image, text)
-        return keep
+        image = view.image_mask
+        ar = torch.arange(image.shape[1], device=image.device)
+        first = torch.where(image, ar, image.shape[1]).amin(dim=1, keepdim=True)  # [B, 1]; T in text-only rows
+        text = view.attention_mask & ~image & (ar > first) & (ar <= view.query_index[:, None])
+        return ~image | self.keep_image(norms, unit, image, text)
 
-    def keep_row(self, norms: torch.Tensor, unit: torch.Tensor, image: torch.Tensor, text: torch.Tensor):
-        """``[T]`` bool: the image tokens one row keeps.
+    def keep_image(self, norms: torch.Tensor, unit: torch.Tensor, image: torch.Tensor, text: torch.Tensor):
+        """``[B, T]`` bool: the image tokens each row keeps, for the whole batch at once.
+
+        One host synchronisation reads each row's image and text counts; the counts of the rule (kept tokens, pivots,
+        each pivot's quota of claims) follow on the host, as the published arithmetic, and go back in one copy that
+        does not wait. On the device "the top ``c``" of a row is ``rank < c`` (``rank``: place in a stable descending
+        sort, so ties go to the lower position), and the pivots claim in turn, each step over every row.
 
         Args:
-            norms: ``[T]`` L1 norms of the key states.
-            unit: ``[T, D]`` unit-length normed hidden states (cosine similarity is their dot product).
-            image: ``[T]`` bool image tokens.
-            text: ``[T]`` bool candidate text pivots.
+            norms: ``[B, T]`` L1 norms of the key states.
+            unit: ``[B, T, D]`` unit-length normed hidden states (cosine similarity is their dot product).
+            image: ``[B, T]`` bool image tokens.
+            text: ``[B, T]`` bool candidate text pivots.
         """
-        where = image.nonzero().flatten()  # [n] positions of the image tokens
-        n = len(where)
+        counts, texts = torch.stack([image.sum(dim=1), text.sum(dim=1)]).tolist()  # the host synchronisation
+        plans = [self.row_plan(n, m) for n, m in zip(counts, texts)]
+        width = max(len(quota) for _, _, _, quota in plans)
+        plan = host_tensor([[full, i, m, *quota, *[0] * (width - len(quota))] for full, i, m, quota in plans],
+                           image.device)  # fmt: skip
+        full, image_pivots, text_pivots, quota = plan[:, 0].bool(), plan[:, 1, None], plan[:, 2, None], plan[:, 3:]
+        where, valid = gather_plan(image, max(counts))  # [B, V] each row's image positions in order
+        image_pivot = valid & (ranks(norms.gather(1, where), valid) < image_pivots)  # [B, V]
+        pivot = (text & (ranks(norms, text) < text_pivots)) | torch.zeros_like(image).scatter(1, where, image_pivot)
+        t = image.shape[1]
+        ar = torch.arange(t, device=image.device)
+        pivots = torch.where(pivot, ar, t + ar).argsort(dim=1)[:, :width]  # [B, P] by position (padding: quota 0)
+        similarity = rows(unit, pivots) @ rows(unit, where).transpose(1, 2)  # [B, P, V]
+        order = similarity.masked_fill(~valid[:, None], float("inf")).argsort(dim=-1, stable=True)  # least first
+        free = valid & ~image_pivot  # [B, V] image tokens not kept yet
+        for j in range(width):  # pivot j claims the first quota[:, j] free tokens of its order
+            free_in_order = free.gather(1, order[:, j])
+            free = free.scatter(1, order[:, j], free_in_order & (free_in_order.cumsum(dim=1) > quota[:, j, None]))
+        return torch.where(full[:, None], image, torch.zeros_like(image).scatter(1, where, valid & ~free))
+
+    def row_plan(self, n: int, text: int) -> tuple[bool, int, int, list[int]]:
+        """One row's ``(keeps every image token, image pivots, text pivots, claims of each pivot in position order)``
+        with ``n`` image tokens and ``text`` candidate text pivots."""
         kept = kept_image_tokens(n, self.params.r)
         if kept >= n:
-            return image.clone()
-        free = torch.ones(n, dtype=torch.bool, device=image.device)  # image tokens not kept yet
-        image_pivots = top_positions(norms[where], free, min(self.params.image_pivots, kept))  # image indices
-        text_pivots = top_positions(norms, text, min(self.params.text_pivots, int(text.sum())))  # positions
-        pivots = torch.cat([where[image_pivots], text_pivots]).sort().values
-        free[image_pivots] = False
-        claims = kept - len(image_pivots)
-        similarity = unit[pivots] @ unit[where].T  # [P, n]
-        for j in range(len(pivots)):
-            quota = claims // len(pivots) + int(j < claims % len(pivots))
-            least = top_positions(-similarity[j], free, quota)
-            free[least] = False
-        keep = torch.zeros_like(image)
-        keep[where[~free]] = True
-        return keep
+            return True, 0, 0, []
+        image_pivots, text_pivots = min(self.params.image_pivots, kept), min(self.params.text_pivots, text)
+        pivots, claims = image_pivots + text_pivots, kept - image_pivots
+        quota = [claims // pivots + int(j < claims % pivots) for j in range(pivots)]
+        return False, image_pivots, text_pivots, quota
 
 
-def top_positions(scores: torch.Tensor, allowed: torch.Tensor, count: int) -> torch.Tensor:
-    """Positions of the ``count`` largest ``scores [T]`` among ``allowed [T]`` (ties: the lower position first)."""
-    order = scores.masked_fill(~allowed, float("-inf")).argsort(descending=True, stable=True)
-    return order[:count]
+def ranks(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` place of each position among ``allowed`` ones by descending ``scores`` (ties: lower position first).
+
+    Positions not allowed come after every allowed one, so ``rank < c`` picks a row's top ``c`` allowed positions.
+    """
+    order = scores.masked_fill(~allowed, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    return order.argsort(dim=1)
+
+
+def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b]]`` for ``x [B, T, D]`` and ``index [B, R]``: ``[B, R, D]``."""
+    return x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))
 
 
 def rotated_keys(hidden: torch.Tensor, layer: nn.Module, position_embeddings) -> torch.Tensor:

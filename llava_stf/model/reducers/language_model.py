@@ -132,8 +132,11 @@ def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
 
 
-def gather_plan(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_plan(keep: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Survivor positions of ``keep [B, T]`` in ascending order, padded to the batch maximum.
+
+    ``width``: that maximum when the caller knows it (a host integer, at least the maximum), so that nothing waits for
+    the device to count.
 
     Returns:
         ``(index [B, T'], valid [B, T'])``; pad slots point at distinct dropped positions.
@@ -142,8 +145,14 @@ def gather_plan(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ar = torch.arange(t, device=keep.device)
     order = torch.where(keep, ar, t + ar).argsort(dim=1)
     counts = keep.sum(dim=1)
-    width = int(counts.max())
+    width = int(counts.max()) if width is None else width
     return order[:, :width], ar[None, :width] < counts[:, None]
+
+
+def host_tensor(values: list, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values)`` (integers) on ``device``, copied without waiting for it (CUDA: from pinned memory)."""
+    x = torch.tensor(values, dtype=torch.long)
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
 def query_index(mask_2d: torch.Tensor | None, b: int, t: int, prompt_length: int | None, device) -> torch.Tensor:
@@ -338,6 +347,7 @@ __all__ = [
     "Stage",
     "TokenDropLlamaModel",
     "gather_plan",
+    "host_tensor",
     "install_llm_reducer",
     "query_index",
 ]

@@ -15,6 +15,9 @@ Choices here:
 - Per sample (the original handles batch element 0): raters, counts and clusters per row, so a batch gives each row's
   answer alone; rows without images keep everything. Scores are recomputed from the layer's ``q_proj`` / ``k_proj``
   with RoPE for the text rows only (never ``output_attentions``), so SDPA / FlashAttention stay usable.
+- The whole batch is chosen at once ("top ``c``" as ``rank < c``, clustering padded to the most recycled tokens of a
+  row): a GPU runs a fixed number of kernels per stage, and the host waits for it once per forward call (the rows'
+  token counts after layer 0, from which every stage's counts and shapes follow).
 - Positions: survivors keep their original position ids (the v1.5 code renumbers them; SparseVLM+ keeps them). A
   merged token is written into the slot of its cluster centre (a pruned token that survives as it), with its position
   (the original inserts merged tokens right after the kept image tokens).
@@ -38,7 +41,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from .base import MacDims, ReducerConfigError, ReducerParams, ReducerShapes, check_budget, check_fraction, check_int
-from .language_model import DropView, LLMReducer, gather_plan
+from .language_model import DropView, LLMReducer, gather_plan, host_tensor
 
 PUBLISHED_LAYERS = (2, 6, 15)  # scoring layers of a 32-layer LLM (pruning_loc)
 PUBLISHED_DEPTH, PUBLISHED_TOKENS = 32, 576  # what the schedules were written for (LLaVA-1.5-7B)
@@ -178,29 +181,52 @@ class SparseVLM(LLMReducer):
         return ([] if not layers or layers[0] == 0 else [1]) + [layer + 1 for layer in layers]
 
     def select(self, view: DropView) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Survivors ``[B, T]`` (and, when tokens merge, the layer output ``[B, T, D]`` with merged tokens written)."""
+        """Survivors ``[B, T]`` (and, when tokens merge, the layer output ``[B, T, D]`` with merged tokens written).
+
+        The whole batch at once. One host synchronisation per forward call, after layer 0: the rows' text and image
+        counts, from which every stage's counts follow on the host (the original arithmetic) and go back in one copy
+        that does not wait; later shapes (index widths, recycled and merged tokens) are their maxima.
+        """
         layers, keep = self.resolve(self.params, self.shapes)
         pos = torch.arange(view.image_mask.shape[1], device=view.image_mask.device)
         text = view.attention_mask & ~view.image_mask & (pos[None] <= view.query_index[:, None])
-        text_index, text_valid = gather_plan(text)  # [B, R]: each row's text tokens, in order (never dropped)
         if view.layer_index == 0:  # state for the later stages of this forward call
-            self._raters = self.raters(view.layer_input, view.image_mask, text, text_index, text_valid)
-            self._counts = view.image_mask.sum(dim=1).tolist()
+            texts, counts = torch.stack([text.sum(dim=1), view.image_mask.sum(dim=1)]).tolist()  # the host sync
+            stages = self.stage_plan(counts, keep)  # [stage][row] (kept, recycled, merged)
+            self._stages = host_tensor(stages, pos.device)  # [S, B, 3]
+            self._widths = [tuple(max(row[i] for row in stage) for i in (1, 2)) for stage in stages]
+            plans = gather_plan(text, max(texts)), gather_plan(view.image_mask, max(counts))
+            self._raters = self.raters(view.layer_input, view.image_mask, text, *plans)
         if view.layer_index not in layers:
             return torch.ones_like(view.image_mask)
-        if getattr(self, "_raters", None) is None or self._raters.shape != text_index.shape:
+        raters = getattr(self, "_raters", None)
+        if raters is None or raters.shape[0] != text.shape[0]:
             raise RuntimeError("SparseVLM scores with the raters recorded after layer 0 of the same forward call")
-        scores = self.scores(view, text_index, self._raters)
-        return self.prune(scores, view.image_mask, view.layer_output, keep[layers.index(view.layer_index)])
+        text_index, _ = gather_plan(text, raters.shape[1])  # [B, R]: each row's text tokens, in order (never dropped)
+        scores = self.scores(view, text_index, raters)
+        stage = layers.index(view.layer_index)
+        return self.prune(scores, view.image_mask, view.layer_output, self._stages[stage], self._widths[stage])
+
+    def stage_plan(self, counts: list[int], keep: list[int]) -> list[list[tuple[int, int, int]]]:
+        """Per stage and row: ``(kept, recycled, merged)`` image tokens, from each row's image tokens at the input."""
+        present, out = list(counts), []
+        for k in keep:
+            out.append([stage_counts(p, scale_count(k, n, self.shapes.projector_tokens), self.params.recycle,
+                                     self.params.cluster_size) for p, n in zip(present, counts)])  # fmt: skip
+            present = [kept + merged for kept, _, merged in out[-1]]
+        return out
 
     @torch.no_grad()
-    def raters(self, embeds, image_mask, text, text_index, text_valid) -> torch.Tensor:
-        """``[B, R]`` bool: which text tokens (``text_index [B, R]``) rate, from the embeddings ``[B, T, D]``."""
+    def raters(self, embeds, image_mask, text, text_plan, image_plan) -> torch.Tensor:
+        """``[B, R]`` bool: which text tokens rate, from the embeddings ``[B, T, D]``.
+
+        ``text_plan`` / ``image_plan``: ``(index, valid)`` of the text tokens ``[B, R]`` and image tokens ``[B, V]``.
+        """
+        (text_index, text_valid), (image_index, image_valid) = text_plan, image_plan
         pos = torch.arange(text.shape[1], device=text.device)
         after = text & (pos[None] > torch.where(image_mask, pos, -1).amax(dim=1, keepdim=True))
         after = torch.where(after.any(dim=1, keepdim=True), after, text)  # nothing after the image: all text rates
         candidates = after.gather(1, text_index) & text_valid
-        image_index, image_valid = gather_plan(image_mask)  # [B, V]
         similarity = (rows(embeds, image_index) @ rows(embeds, text_index).transpose(1, 2)).float()  # [B, V, R]
         probs = similarity.masked_fill(~candidates[:, None], float("-inf")).softmax(dim=-1).nan_to_num(0.0)
         m = (probs * image_valid[..., None]).sum(dim=1) / image_valid.sum(dim=1, keepdim=True).clamp(min=1)
@@ -226,47 +252,85 @@ class SparseVLM(LLMReducer):
         probs = torch.where(raters[..., None], probs, 0.0)
         return probs.sum(dim=1) / raters.sum(dim=1, keepdim=True).clamp(min=1)
 
-    def prune(self, scores, image_mask, output, keep_count: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Per row: the top-scored image tokens stay, the best deleted ones merge into their cluster centres' slots."""
-        keep, hidden = ~image_mask, None
-        for row in range(image_mask.shape[0]):
-            image = image_mask[row].nonzero().squeeze(1)
-            count = scale_count(keep_count, self._counts[row], self.shapes.projector_tokens)
-            kept, recycled, merged = stage_counts(len(image), count, self.params.recycle, self.params.cluster_size)
-            order = image[scores[row, image].argsort(descending=True, stable=True)]
-            keep[row, order[:kept]] = True
-            if merged:
-                tokens = order[kept : kept + recycled]
-                centres, assign = cluster(output[row, tokens].detach(), merged)
-                x = output[row, tokens].float()
-                sums = x.new_zeros(merged, x.shape[1]).index_add(0, assign, x)
-                sizes = torch.bincount(assign, minlength=merged).to(x.dtype)[:, None]
-                hidden = output.clone() if hidden is None else hidden
-                hidden[row, tokens[centres]] = (sums / (sizes + 1e-6)).to(output.dtype)  # the original's mean
-                keep[row, tokens[centres]] = True
-        return keep if hidden is None else (keep, hidden)
+    def prune(self, scores, image_mask, output, counts: torch.Tensor, widths: tuple[int, int]):
+        """The top-scored image tokens of each row stay; the best deleted ones merge into their cluster centres' slots.
+
+        Args:
+            scores: ``[B, T]`` float32 rating of every position.
+            image_mask: ``[B, T]`` bool image tokens present.
+            output: ``[B, T, D]`` the layer's output.
+            counts: ``[B, 3]`` each row's kept, recycled and merged image tokens at this stage.
+            widths: the most ``(recycled, merged)`` tokens of a row at this stage (host integers).
+
+        Returns:
+            ``keep [B, T]``, or ``(keep, hidden [B, T, D])`` when some row merges.
+        """
+        (b, t), (width, clusters) = image_mask.shape, widths
+        kept, recycled, merged = counts[:, 0, None], counts[:, 1, None], counts[:, 2]
+        order = scores.masked_fill(~image_mask, float("-inf")).argsort(dim=1, descending=True, stable=True)
+        keep = ~image_mask | (order.argsort(dim=1) < kept)
+        if not clusters:
+            return keep
+        slot = torch.arange(width, device=order.device)
+        tokens = order.gather(1, (kept + slot).clamp(max=t - 1))  # [B, M] the recycled, best first
+        valid = slot < recycled
+        x = rows(output, tokens).float()
+        centres, assign = cluster_rows(x.detach(), valid, merged, clusters)  # [B, C], [B, M]
+        into = torch.where(valid, assign, clusters)[..., None]  # padding goes to a spare cluster
+        sums = x.new_zeros(b, clusters + 1, x.shape[-1]).scatter_add(1, into.expand_as(x), x)[:, :clusters]
+        sizes = x.new_zeros(b, clusters + 1).scatter_add(1, into[..., 0], valid.to(x.dtype))[:, :clusters, None]
+        where = torch.where(slot[:clusters] < merged[:, None], tokens.gather(1, centres), t)  # [B, C]; spare: T
+        mean = (sums / (sizes + 1e-6)).to(output.dtype)  # the original's mean
+        hidden = torch.cat([output, output.new_zeros(b, 1, output.shape[-1])], dim=1)
+        hidden = hidden.scatter(1, where[..., None].expand(-1, -1, output.shape[-1]), mean)[:, :t]
+        keep = torch.cat([keep, keep.new_zeros(b, 1)], dim=1).scatter(1, where, True)[:, :t]
+        return keep, hidden
 
 
 @torch.no_grad()
-def cluster(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPC-kNN (density peaks with k = ``clusters`` nearest neighbours) over ``x [M, C]``, ordered best-scored first.
+def cluster_rows(
+    x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN (density peaks, k = a row's cluster count of nearest neighbours) for each row of a batch.
+
+    Args:
+        x: ``[B, M, C]`` each row's tokens, ordered best-scored first (ties in density go to the earlier one).
+        valid: ``[B, M]`` bool real tokens (a row's first ones).
+        clusters: ``[B]`` clusters of each row (at most its real tokens).
+        width: at least ``clusters.max()`` (a host integer), at most ``M``.
 
     Returns:
-        ``(centres [clusters], assign [M])``: the centres' rows, and each row's cluster (centres their own).
+        ``(centres [B, width], assign [B, M])``: each row's centres (its first ``clusters`` entries), and each
+        token's cluster (centres their own; padding arbitrary).
     """
-    m, channels = x.shape
-    x = x.float() - x.float().mean(dim=0)
+    (b, m, channels), invalid = x.shape, ~valid
+    steps, order = torch.arange(width, device=x.device), torch.arange(m, device=x.device)
+    x = x.float()
+    x = x - (x * valid[..., None]).sum(dim=1, keepdim=True) / valid.sum(dim=1).clamp(min=1)[:, None, None]
     squares = (x * x).sum(dim=-1)
-    dist = (squares[:, None] + squares[None] - 2 * (x @ x.T)).clamp(min=0).fill_diagonal_(0).sqrt() / channels**0.5
-    density = (-(dist.topk(clusters, dim=-1, largest=False).values ** 2).mean(dim=-1)).exp()
-    order = torch.arange(m, device=x.device)
-    ties = (density[None] == density[:, None]) & (order[None] < order[:, None])
-    denser = (density[None] > density[:, None]) | ties  # [i, j]: j is denser than i
-    parent = torch.where(denser, dist, dist.max()).amin(dim=-1)
-    centres = (parent * density).argsort(descending=True, stable=True)[:clusters]
-    assign = dist[:, centres].argmin(dim=-1)
-    assign[centres] = torch.arange(clusters, device=x.device)
-    return centres, assign
+    dist = (squares[:, :, None] + squares[:, None] - 2 * (x @ x.transpose(1, 2))).clamp(min=0)
+    dist = dist.masked_fill(torch.eye(m, dtype=torch.bool, device=x.device), 0).sqrt() / channels**0.5
+    near = dist.masked_fill(invalid[:, None], float("inf")).topk(width, dim=-1, largest=False).values  # [B, M, W]
+    first = steps < clusters[:, None, None]
+    density = (-torch.where(first, near**2, 0.0).sum(dim=-1) / clusters.clamp(min=1)[:, None]).exp()  # [B, M]
+    ties = (density[:, None] == density[:, :, None]) & (order[None] < order[:, None])
+    denser = ((density[:, None] > density[:, :, None]) | ties) & valid[:, None]  # [b, i, j]: j is denser than i
+    far = dist.masked_fill(invalid[:, :, None] | invalid[:, None], 0).amax(dim=(1, 2))  # [B]
+    parent = torch.where(denser, dist, far[:, None, None]).amin(dim=-1)
+    score = (parent * density).masked_fill(invalid, float("-inf"))
+    centres = score.argsort(dim=-1, descending=True, stable=True)[:, :width]  # [B, W]
+    real = steps[None] < clusters[:, None]
+    to_centre = dist.gather(2, centres[:, None].expand(-1, m, -1)).masked_fill(~real[:, None], float("inf"))
+    assign = torch.cat([to_centre.argmin(dim=-1), order.new_zeros(b, 1)], dim=1)
+    return centres, assign.scatter(1, torch.where(real, centres, m), steps.expand(b, -1))[:, :m]
+
+
+def cluster(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN of one row ``x [M, C]`` (see :func:`cluster_rows`): ``(centres [clusters], assign [M])``."""
+    valid = torch.ones(1, x.shape[0], dtype=torch.bool, device=x.device)
+    count = torch.full((1,), clusters, device=x.device)
+    centres, assign = cluster_rows(x[None], valid, count, clusters)
+    return centres[0], assign[0]
 
 
 def int_list(values) -> bool:
