@@ -211,4 +211,4 @@ def cuda_syncs(dart, view) -> tuple[torch.Tensor, list[str]]:
                 keep = dart.select(view)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-    return keep, [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    return keep, [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]

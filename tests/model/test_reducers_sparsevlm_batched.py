@@ -249,7 +249,7 @@ def test_cuda_stages_synchronise_once_and_equal_the_per_row_loop(lm, model_confi
                 chosen = select(view)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        syncs.append([str(w.message) for w in caught if "synchroniz" in str(w.message)])
+        syncs.append([str(w.message) for w in caught if "called a synchronizing" in str(w.message)])
         return chosen
 
     lm.to("cuda")
