@@ -70,3 +70,24 @@ def check_cls_input(reducer: str, features: torch.Tensor, attn_input: torch.Tens
             f"{reducer} needs the CLS token: features {tuple(features.shape)} but the scoring hidden state is "
             f"{tuple(attn_input.shape)} (expected [{features.shape[0]}, {features.shape[1] + 1}, C])"
         )
+
+
+def keep_by_cls_score(
+    reducer: str, features: torch.Tensor, attn_input: torch.Tensor, block: nn.Module, choose
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of a reducer that keeps patches chosen from the head-mean [CLS] attention.
+
+    Args:
+        reducer: its name, for errors.
+        features: ``[B, N, C_in]`` selected patch features (CLS dropped), what the projector would receive.
+        attn_input: ``[B, N + 1, C]`` hidden state consumed by the scoring block (CLS first).
+        block: the scoring CLIP encoder block.
+        choose: ``score [B, N] -> index [B, k]``, the kept patches in output order.
+
+    Returns:
+        ``(tokens [B, k, C_in], valid [B, k])``, all valid.
+    """
+    check_cls_input(reducer, features, attn_input)
+    probs, _ = cls_attention_heads(attn_input, block)
+    tokens = gather_tokens(features, choose(probs.mean(dim=1)))
+    return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .base import MacDims, ReducerParams, ReducerShapes, VisionReducer, check_budget, check_int
-from .cls_attention import check_cls_input, cls_attention_heads, cls_attention_macs, gather_tokens, top_patches
+from .cls_attention import cls_attention_macs, keep_by_cls_score, top_patches
 
 
 @dataclass
@@ -67,17 +67,5 @@ class FasterVLM(VisionReducer):
     def forward(
         self, features: torch.Tensor, attn_input: torch.Tensor, block: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reduce one batch of images.
-
-        Args:
-            features: ``[B, N, C_in]`` selected patch features (CLS dropped), what the projector would receive.
-            attn_input: ``[B, N + 1, C]`` hidden state consumed by the scoring block (CLS first).
-            block: the scoring CLIP encoder block.
-
-        Returns:
-            ``(tokens [B, tokens, C_in], valid [B, tokens])``: the kept patch features in raster order; all valid.
-        """
-        check_cls_input(type(self).__name__, features, attn_input)
-        probs, _ = cls_attention_heads(attn_input, block)
-        tokens = gather_tokens(features, self.select(probs.mean(dim=1)))
-        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        """``(tokens [B, tokens, C_in], valid [B, tokens])``: the kept patches in raster order (see VisionReducer)."""
+        return keep_by_cls_score(type(self).__name__, features, attn_input, block, self.select)

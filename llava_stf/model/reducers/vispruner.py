@@ -41,7 +41,7 @@ from .base import (
     check_fraction,
     check_int,
 )
-from .cls_attention import check_cls_input, cls_attention_heads, cls_attention_macs, gather_tokens
+from .cls_attention import cls_attention_macs, gather_tokens, keep_by_cls_score
 
 PUBLISHED_RATIOS = {64: 0.75}  # README examples by budget; others use DEFAULT_RATIO
 DEFAULT_RATIO = 0.5  # README's 128-token example and the evaluation scripts' default
@@ -130,17 +130,7 @@ class VisPruner(VisionReducer):
     def forward(
         self, features: torch.Tensor, attn_input: torch.Tensor, block: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reduce one batch of images.
-
-        Args:
-            features: ``[B, N, C_in]`` selected patch features (CLS dropped), what the projector would receive.
-            attn_input: ``[B, N + 1, C]`` hidden state consumed by the scoring block (CLS first).
-            block: the scoring CLIP encoder block.
-
-        Returns:
-            ``(tokens [B, tokens, C_in], valid [B, tokens])``: the kept patch features in raster order; all valid.
-        """
-        check_cls_input(type(self).__name__, features, attn_input)
-        probs, _ = cls_attention_heads(attn_input, block)
-        tokens = gather_tokens(features, self.select(probs.mean(dim=1), features))
-        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        """``(tokens [B, tokens, C_in], valid [B, tokens])``: the kept patches in raster order (see VisionReducer)."""
+        return keep_by_cls_score(
+            type(self).__name__, features, attn_input, block, lambda score: self.select(score, features)
+        )
