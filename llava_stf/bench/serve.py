@@ -45,7 +45,8 @@ class Run:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m llava_stf.bench.serve", description=__doc__.splitlines()[0])
+    description = __doc__.splitlines()[0].split(": ", 1)[1]
+    parser = argparse.ArgumentParser(prog="python -m llava_stf.bench.serve", description=description)
     parser.add_argument("--model-path", type=Path, nargs="+", required=True, help="checkpoint folder(s)")
     parser.add_argument("--data-root", type=Path, help="the demo world (playground/demo/synthetic); else generated")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per level")
