@@ -29,6 +29,7 @@ ALLOWED: dict[str, str] = {
             "CLIPVisionModel GenerationConfig HfArgumentParser LlamaConfig LlamaForCausalLM LlamaModel LlavaConfig "
             "LlavaForConditionalGeneration LlavaImageProcessorPil LlavaModel LlavaPreTrainedModel LlavaProcessor "
             "LogitsProcessor LogitsProcessorList PreTrainedModel PreTrainedTokenizerBase PreTrainedTokenizerFast "
+            "StoppingCriteria StoppingCriteriaList "
             "ProcessorMixin Trainer TrainerCallback TrainingArguments set_seed"
         ).split()
     },

@@ -1,0 +1,235 @@
+"""``python -m llava_stf.bench.serve``: load test of the OpenAI-compatible API at concurrency 1, 4, 16, side by side.
+
+    python -m llava_stf.bench.serve --model-path playground/demo/mlp2x_gelu-seed0/stage2 \\
+        playground/demo/mbtf_stf-seed0/stage2 --data-root playground/demo/synthetic
+
+For each checkpoint the server (``python -m llava_stf.serve.api``) starts in a subprocess on 127.0.0.1 (a free
+port), answers two warm-up requests, then each level sends ``--requests`` streamed, greedy chat completions (question
+and image of the demo world, or generated images without ``--data-root``) from that many concurrent clients, each the
+official ``openai`` client without retries, stopping early after ``--time-limit`` seconds. Per level: requests/s,
+p50/p99 latency, p50 time to the first content token, errors (must be 0), that every request got exactly one answer,
+and the server's mean batch size. Greedy answers must not depend on the batch: each question's answer is checked to
+be the same at every level. Targets (issue 15, CPU, demo-size checkpoints): requests/s at concurrency 16 >= 4x
+concurrency 1, and an ``mbtf_stf`` checkpoint >= 1.5x an ``mlp2x_gelu`` one at concurrency 16 (projectors read from
+each checkpoint's config), each printed as ``meets`` or ``MISSES``. The exit status is 1 when a request failed or
+got other than one answer, or answers changed with the level; missed targets are reported, not failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError, add_debug_flag, run_main
+from .serve_load import Level, ServerProcess, demo_questions, generated_questions, run_level
+
+SCALING_TARGET = 4.0  # requests/s at the highest level over the lowest
+PROJECTOR_TARGET = 1.5  # mbtf_stf over mlp2x_gelu at the highest level
+
+
+@dataclass
+class Run:
+    """One checkpoint's levels."""
+
+    path: Path
+    model_id: str
+    projector: str | None
+    levels: list[Level]
+    consistent: bool  # each question got the same answer at every level
+
+
+def build_parser() -> argparse.ArgumentParser:
+    description = __doc__.splitlines()[0].split(": ", 1)[1]
+    parser = argparse.ArgumentParser(prog="python -m llava_stf.bench.serve", description=description)
+    parser.add_argument("--model-path", type=Path, nargs="+", required=True, help="checkpoint folder(s)")
+    parser.add_argument("--data-root", type=Path, help="the demo world (playground/demo/synthetic); else generated")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per level")
+    parser.add_argument("--requests", type=int, default=48, help="requests per level")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per level (stop sending after)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each request (demo eval: 16)")
+    parser.add_argument("--questions", type=int, default=64, help="distinct questions to cycle through")
+    parser.add_argument("--timeout", type=float, default=120.0, help="client timeout per request, seconds")
+    parser.add_argument(
+        "--server-threads",
+        type=int,
+        default=1,
+        help="the server's torch threads (demo-size models gain nothing from more, and the clients share the CPUs)",
+    )
+    parser.add_argument("--server-args", default="", help="more server flags, e.g. '--max-batch 8 --batch-window-ms 5'")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    add_debug_flag(parser)
+    return parser
+
+
+def projector_of(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text()).get("projector_type")
+    except (OSError, ValueError):
+        return None
+
+
+def measure(path: Path, args: argparse.Namespace, questions) -> Run:
+    server_args = ["--threads", str(args.server_threads), *shlex.split(args.server_args)]
+    with ServerProcess(path, server_args) as server:
+        print(f"{server.model_id}: serving at {server.base_url}", file=sys.stderr)
+        warm = run_level(server, questions, 1, 2, args.time_limit, args.max_tokens, args.timeout)
+        if warm.errors:
+            raise UserError(f"{path}: the warm-up request failed: {warm.outcomes[0].error}")
+        levels = []
+        for concurrency in args.levels:
+            levels.append(
+                run_level(server, questions, concurrency, args.requests, args.time_limit, args.max_tokens, args.timeout)
+            )
+            print(f"  concurrency {concurrency}: {levels[-1].rps:.2f} requests/s", file=sys.stderr)
+    answers: dict[int, set[str]] = {}
+    for level in levels:
+        for outcome in level.done:
+            answers.setdefault(outcome.index % len(questions), set()).add(outcome.answer)
+    consistent = all(len(found) == 1 for found in answers.values())
+    return Run(path, server.model_id, projector_of(path), levels, consistent)
+
+
+def table(runs: Sequence[Run]) -> str:
+    header = ["model", "projector", "conc", "requests", "req/s", "p50 lat s", "p99 lat s", "p50 TTFT s", "errors"]
+    header += ["1 answer each", "mean batch", "busy", "CPU ms/req server+clients"]
+    rows = [header]
+    for run in runs:
+        for level in run.levels:
+            rows.append(
+                [
+                    run.model_id,
+                    run.projector or "?",
+                    str(level.concurrency),
+                    f"{len(level.done)}/{len(level.outcomes)}",
+                    f"{level.rps:.2f}",
+                    f"{level.latency(0.5):.3f}",
+                    f"{level.latency(0.99):.3f}",
+                    f"{level.ttft(0.5):.3f}",
+                    str(level.errors),
+                    "yes" if level.one_answer_each else "NO",
+                    f"{level.mean_batch:.1f}",
+                    f"{level.busy:.0%}",
+                    _cpu(level),
+                ]
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _cpu(level: Level) -> str:
+    n = max(len(level.outcomes), 1)
+    server = "?" if level.server_cpu is None else f"{1000 * level.server_cpu / n:.1f}"
+    return f"{server}+{1000 * level.client_cpu / n:.1f}"
+
+
+def targets(runs: Sequence[Run]) -> list[str]:
+    """The issue's targets, each ``meets`` or ``MISSES``."""
+    lines = []
+    for run in runs:
+        low, high = run.levels[0], run.levels[-1]
+        ratio = high.rps / low.rps if low.rps else 0.0
+        verdict = "meets" if ratio >= SCALING_TARGET else "MISSES"
+        lines.append(
+            f"{run.model_id}: c{high.concurrency} / c{low.concurrency} requests/s = {ratio:.2f}x "
+            f"(target >= {SCALING_TARGET:g}x): {verdict}"
+        )
+    by_projector = {run.projector: run for run in runs}
+    if "mbtf_stf" in by_projector and "mlp2x_gelu" in by_projector:
+        fast, base = by_projector["mbtf_stf"].levels[-1], by_projector["mlp2x_gelu"].levels[-1]
+        ratio = fast.rps / base.rps if base.rps else 0.0
+        verdict = "meets" if ratio >= PROJECTOR_TARGET else "MISSES"
+        lines.append(
+            f"mbtf_stf / mlp2x_gelu requests/s at c{fast.concurrency} = {ratio:.2f}x "
+            f"(target >= {PROJECTOR_TARGET:g}x): {verdict}"
+        )
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    if any(level < 1 for level in args.levels) or args.requests < 1 or args.max_tokens < 1 or args.questions < 1:
+        raise UserError("--levels, --requests, --max-tokens and --questions must be >= 1")
+    for path in args.model_path:
+        if not (path / "config.json").is_file():
+            raise UserError(f"not a checkpoint folder (no config.json): {path}")
+    questions = (
+        demo_questions(args.data_root, args.questions) if args.data_root else generated_questions(args.questions)
+    )
+    load_before = os.getloadavg()
+    runs = [measure(path, args, questions) for path in args.model_path]
+    load_after = os.getloadavg()
+    print(table(runs))
+    for line in targets(runs):
+        print(line)
+    for run_ in runs:
+        print(f"{run_.model_id}: answers identical at every level: {'yes' if run_.consistent else 'NO'}")
+    print(f"load average (1/5/15 min): before {_load(load_before)}, after {_load(load_after)}; {os.cpu_count()} CPUs")
+    failed = [
+        f"{r.model_id} c{level.concurrency}"
+        for r in runs
+        for level in r.levels
+        if level.errors or not level.one_answer_each
+    ]
+    for r in runs:
+        for level in r.levels:
+            for outcome in level.outcomes:
+                if outcome.error:
+                    print(
+                        f"error: {r.model_id} c{level.concurrency} request {outcome.index}: {outcome.error}",
+                        file=sys.stderr,
+                    )
+    if args.json:
+        args.json.write_text(json.dumps(_record(runs, load_before, load_after), indent=1))
+    return 1 if failed or not all(r.consistent for r in runs) else 0
+
+
+def _load(values: tuple[float, float, float]) -> str:
+    return " ".join(f"{v:.2f}" for v in values)
+
+
+def _record(runs: Sequence[Run], before, after) -> dict:
+    return {
+        "load_before": before,
+        "load_after": after,
+        "targets": targets(runs),
+        "runs": [
+            {
+                "model_id": r.model_id,
+                "path": str(r.path),
+                "projector": r.projector,
+                "consistent": r.consistent,
+                "levels": [
+                    {
+                        "concurrency": lv.concurrency,
+                        "requests": len(lv.outcomes),
+                        "rps": lv.rps,
+                        "p50_latency": lv.latency(0.5),
+                        "p99_latency": lv.latency(0.99),
+                        "p50_ttft": lv.ttft(0.5),
+                        "errors": lv.errors,
+                        "one_answer_each": lv.one_answer_each,
+                        "mean_batch": lv.mean_batch,
+                        "busy": lv.busy,
+                        "server_cpu_s": lv.server_cpu,
+                        "client_cpu_s": lv.client_cpu,
+                    }
+                    for lv in r.levels
+                ],
+            }
+            for r in runs
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: run(args), args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""``python -m llava_stf.bench.serve`` on a tiny checkpoint with tiny request counts: the server starts in its own
+process, every request gets exactly one answer, answers do not change with the level; the targets' verdicts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llava_stf.bench import serve
+from llava_stf.bench.serve_load import Level, Outcome, demo_questions, percentile
+from llava_stf.testing import make_image, save_tiny_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_load_test_runs_with_no_errors(tmp_path, capsys) -> None:
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny")
+    argv = ["--model-path", str(checkpoint), "--levels", "1", "3", "--requests", "4", "--max-tokens", "3"]
+    assert serve.main([*argv, "--questions", "3", "--json", str(tmp_path / "out.json")]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("model ") :].splitlines()  # after any log lines of the imports
+    assert lines[0].split()[:4] == ["model", "projector", "conc", "requests"] and "1 answer each" in lines[0]
+    rows = [line.split() for line in lines[1:3]]
+    assert [row[2:4] for row in rows] == [["1", "4/4"], ["3", "4/4"]] and all(row[8:10] == ["0", "yes"] for row in rows)
+    assert "c3 / c1 requests/s" in out and "answers identical at every level: yes" in out and "load average" in out
+    record = json.loads((tmp_path / "out.json").read_text())
+    assert [level["errors"] for level in record["runs"][0]["levels"]] == [0, 0]
+
+
+def test_targets_say_meets_or_misses() -> None:
+    def run(projector: str, rps: tuple[float, float]) -> serve.Run:
+        levels = [Level(c, [Outcome(i) for i in range(10)], seconds=10 / r) for c, r in zip((1, 16), rps)]
+        return serve.Run(Path(projector), projector, projector, levels, True)
+
+    lines = serve.targets([run("mlp2x_gelu", (2.0, 6.0)), run("mbtf_stf", (2.0, 9.0))])
+    assert lines[0].endswith("3.00x (target >= 4x): MISSES") and lines[1].endswith("4.50x (target >= 4x): meets")
+    assert lines[2] == "mbtf_stf / mlp2x_gelu requests/s at c16 = 1.50x (target >= 1.5x): meets"
+
+
+def test_demo_questions_carry_their_images(tmp_path) -> None:
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "images").mkdir()
+    make_image(0).save(tmp_path / "images" / "a.png")
+    records = [{"question_id": i, "image": "images/a.png", "text": f"Q{i}?"} for i in range(3)]
+    (tmp_path / "eval" / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    questions = demo_questions(tmp_path, 2)
+    assert [q.text for q in questions] == ["Q0?", "Q1?"] and questions[0].image_uri.startswith("data:image/png;base64,")
+    assert questions[0].messages()[0]["content"][0]["type"] == "image_url"
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 0.5), percentile(values, 0.99), percentile([3.0], 0.99)) == (50.0, 99.0, 3.0)
