@@ -28,6 +28,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command("llava_stf.train.run", "train one stage from YAML recipes and flags (pretrain, finetune, lora)"),
     "eval": Command("llava_stf.eval.__main__", "answer, merge and score the LLaVA-1.5 benchmarks; print the tables"),
     "chat": Command("llava_stf.serve.cli", "chat with a checkpoint about an image, streamed"),
+    "serve": Command("llava_stf.serve.api", "an OpenAI-compatible API (chat completions, streaming, batched)"),
     "web": Command("llava_stf.serve.web", "a web demo (Gradio): chat about an image in the browser, streamed"),
     "convert": Command("llava_stf.convert", "convert released LLaVA / LLaVA-STF checkpoints; export to llava-hf"),
     "validate": Command("llava_stf.data.validate", "check a LLaVA training set before a long run"),
