@@ -40,11 +40,10 @@ from ..data.images import ImageLimits
 from ..errors import DEBUG_ENV, UserError, run_main
 from ..eval.identity import identity_of
 from ..generation import Generator
-from ..loading import DTYPES
-from ..reducer_choice import add_reducer_flags, choice_from_args
+from ..reducer_choice import choice_from_args
 from .api_http import KeyCheck, add_error_handlers, check_model, put_event, sse_events, wait_result
 from .batcher import Batcher, QueueFull
-from .cli import check_model_path, image_limits, load_generator, resolve_device
+from .cli import add_model_flags, check_model_path, image_limits, load_generator, resolve_device
 from .engine import Job, ServeEngine
 from .images import DEFAULT_TIMEOUT
 from .openai_messages import load_image, to_conversation
@@ -188,12 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting; beyond: 429 + Retry-After")
     parser.add_argument("--batch-window-ms", type=float, default=10.0, help="wait for more requests to batch with")
     parser.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask (default)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: float16 on CUDA, else 32")
-    bits = parser.add_mutually_exclusive_group()
-    bits.add_argument("--load-8bit", action="store_true", help="quantize the LLM to 8 bits (bitsandbytes, CUDA)")
-    bits.add_argument("--load-4bit", action="store_true", help="quantize the LLM to 4-bit NF4 (bitsandbytes, CUDA)")
-    add_reducer_flags(parser)
+    add_model_flags(parser)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to download an image URL")
     limits = ImageLimits()

@@ -56,6 +56,16 @@ USER, ASSISTANT = "USER: ", "ASSISTANT: "
 LIMIT_FLAGS = "--max-image-bytes, --max-image-pixels, --max-aspect-ratio"
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """How a checkpoint is loaded: ``--device``, ``--dtype``, ``--load-8bit/4bit``, ``--reducer/--tokens``."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: float16 on CUDA, else 32")
+    bits = parser.add_mutually_exclusive_group()
+    bits.add_argument("--load-8bit", action="store_true", help="quantize the LLM to 8 bits (bitsandbytes, CUDA)")
+    bits.add_argument("--load-4bit", action="store_true", help="quantize the LLM to 4-bit NF4 (bitsandbytes, CUDA)")
+    add_reducer_flags(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m llava_stf.serve.cli", description=__doc__.splitlines()[0].split(": ", 1)[1]
@@ -67,12 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass when sampling")
     parser.add_argument("--seed", type=int, default=None, help="seed torch, to repeat sampled answers")
     parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: float16 on CUDA, else 32")
-    bits = parser.add_mutually_exclusive_group()
-    bits.add_argument("--load-8bit", action="store_true", help="quantize the LLM to 8 bits (bitsandbytes, CUDA)")
-    bits.add_argument("--load-4bit", action="store_true", help="quantize the LLM to 4-bit NF4 (bitsandbytes, CUDA)")
-    add_reducer_flags(parser)
+    add_model_flags(parser)
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to download an image URL")
     limits = ImageLimits()
     parser.add_argument(
