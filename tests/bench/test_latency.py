@@ -53,3 +53,22 @@ def test_budget_variants_and_reducer_time(capsys):
     assert [r.llm_tokens for r in rows[:3]] == [72, 8 + 16, 8 + 48]  # kept after layer K
     assert rows[1].times["reducer"] > 0 and rows[0].times["reducer"] < rows[1].times["reducer"]
     assert variant_config(base_config(None, "tiny"), "mlp2x_gelu+fastv@16").reducer_kwargs == {"k": 2, "r": 0.75}
+
+
+def test_llm_time_ends_after_the_last_layer_even_when_a_reducer_calls_the_final_norm():
+    # DART calls the model's final norm while it chooses (after layer 1): the LLM's end mark must be the norm's last
+    # call, after the last decoder layer, not that first call (it once made DART's LLM look 13x faster on a GPU).
+    from llava_stf.bench.timing import Clock, prefill
+    from llava_stf.bench.variants import build
+
+    base = base_config(None, "tiny")
+    ((_, config, model),) = build(base, ["mlp2x_gelu+dart@16"], torch.device("cpu"), torch.float32)
+    clock, ends = Clock(torch.device("cpu")), []
+    handle = model.model.language_model.layers[-1].register_forward_hook(lambda *_: ends.append(clock.now()))
+    size = config.vision_config.image_size
+    ids = torch.cat([torch.full((config.num_image_tokens,), config.image_token_id), torch.arange(3, 11)])[None]
+    try:
+        prefill(model, ids, torch.randn(1, 3, size, size), clock)
+    finally:
+        handle.remove()
+    assert len(ends) == 1 and clock.marks["llm1"] >= ends[0]
