@@ -142,6 +142,18 @@ def choice_from_args(args: argparse.Namespace) -> ReducerChoice | None:
     return ReducerChoice.from_flags(args.reducer, args.reducer_kwargs, args.tokens)
 
 
+def share_weights(variant: LlavaStfForConditionalGeneration, source: LlavaStfForConditionalGeneration) -> None:
+    """Give ``variant`` (built on the meta device) ``source``'s vision tower, projector and LM head modules and its
+    language model's tensors: the same tensors, not copies, in ``variant``'s own decoder-layer modules (so an in-LLM
+    reducer's hooks stay its own)."""
+    inner, base = variant.model, source.model
+    inner.vision_tower, inner.multi_modal_projector = base.vision_tower, base.multi_modal_projector
+    variant.config.vision_config = source.config.vision_config  # the shared tower's own config object
+    variant.lm_head = source.lm_head
+    inner.language_model.load_state_dict(base.language_model.state_dict(), assign=True)
+    inner.language_model.rotary_emb = base.language_model.rotary_emb  # its buffers are not in the state dict
+
+
 def reducer_variant(
     model: LlavaStfForConditionalGeneration, processor: LlavaStfProcessor, config: LlavaStfConfig
 ) -> tuple[LlavaStfForConditionalGeneration, LlavaStfProcessor]:
@@ -158,11 +170,8 @@ def reducer_variant(
         return model, processor
     with torch.device("meta"):
         variant = LlavaStfForConditionalGeneration(config)
-    inner, base = variant.model, model.model
-    inner.vision_tower, inner.multi_modal_projector = base.vision_tower, base.multi_modal_projector
-    variant.lm_head = model.lm_head
-    inner.language_model.load_state_dict(base.language_model.state_dict(), assign=True)
-    inner.language_model.rotary_emb = base.language_model.rotary_emb  # its buffers are not in the state dict
+    share_weights(variant, model)
+    inner = variant.model
     reducer = build_reducer(config.reducer_type, config.reducer_kwargs, config.reducer_shapes())
     inner.reducer = reducer.to(model.device) if reducer is not None else None
     if isinstance(inner.language_model, TokenDropLlamaModel):
@@ -189,4 +198,5 @@ __all__ = [
     "add_reducer_flags",
     "choice_from_args",
     "reducer_variant",
+    "share_weights",
 ]

@@ -23,6 +23,7 @@ from transformers import LogitsProcessorList
 
 from ..flops import count_flops
 from ..model import LlavaStfConfig
+from ..model.reducers import REDUCERS
 from .timing import Clock, prefill
 from .variants import DTYPES, add_shape_arguments, base_config, build, lab_variants, write_json
 
@@ -95,8 +96,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.reducers:
-        from ..model.reducers import REDUCERS
-
         names = sorted(REDUCERS) if args.reducers == ["all"] else args.reducers
         args.variants = lab_variants("mlp2x_gelu", names, args.tokens) + args.also
     device = torch.device(args.device)

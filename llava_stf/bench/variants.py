@@ -18,7 +18,8 @@ from transformers import CLIPVisionConfig, LlamaConfig
 
 from ..model import LlavaStfConfig, LlavaStfForConditionalGeneration, build_projector
 from ..model.presets import load_preset
-from ..model.reducers import budget_kwargs
+from ..model.reducers import budget_kwargs, get_reducer_class
+from ..reducer_choice import share_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = {  # image, patch, vision hidden / layers, LLM hidden / FFN / layers / heads
@@ -56,8 +57,6 @@ def variant_config(base: LlavaStfConfig, spec: str) -> LlavaStfConfig:
 
 def lab_variants(projector: str, reducers: list[str], budgets: list[int]) -> list[str]:
     """``projector`` alone, then every reducer at every budget (adaptive ones once, at their own count)."""
-    from ..model.reducers import get_reducer_class
-
     specs = [projector]
     for name in reducers:
         adaptive = get_reducer_class(name).adaptive
@@ -80,12 +79,8 @@ def build(base: LlavaStfConfig, specs: list[str], device: torch.device, dtype: t
         config = variant_config(base, spec)
         with torch.device("meta"):
             model = LlavaStfForConditionalGeneration(config)
-        model.model.vision_tower = shared.model.vision_tower
-        model.config.vision_config = shared.config.vision_config  # the shared tower's own config object
-        lm, shared_lm = model.model.language_model, shared.model.language_model
-        lm.load_state_dict(shared_lm.state_dict(), assign=True)  # the same tensors, not copies
-        lm.rotary_emb = shared_lm.rotary_emb  # its buffers are not in the state dict
-        model.lm_head, model.model.multi_modal_projector = shared.lm_head, build_projector(config).to(device, dtype)
+        share_weights(model, shared)
+        model.model.multi_modal_projector = build_projector(config).to(device, dtype)  # each variant's own
         model.model.multi_modal_projector.reset_parameters()
         models.append((spec, config, model.eval()))
     return models
