@@ -108,6 +108,21 @@ class _RowStreamer(BaseStreamer):
             self.sent[row] = text
 
 
+class _Streamers(BaseStreamer):
+    """Several streamers as one, called in order."""
+
+    def __init__(self, streamers: list[BaseStreamer]):
+        self.streamers = streamers
+
+    def put(self, value: torch.Tensor) -> None:
+        for streamer in self.streamers:
+            streamer.put(value)
+
+    def end(self) -> None:
+        for streamer in self.streamers:
+            streamer.end()
+
+
 class Generator:
     """Batched generation (greedy unless the settings sample) for a loaded ``(model, processor)`` pair.
 
@@ -212,6 +227,8 @@ class Generator:
         requests: Sequence[Request],
         settings: GenerationSettings = GenerationSettings(),
         stream: StreamCallback | None = None,
+        stopping_criteria=None,
+        token_streamer: BaseStreamer | None = None,
     ) -> list[str]:
         """Answers to a batch of requests: greedy, or sampled when ``settings.temperature > 0``.
 
@@ -220,6 +237,10 @@ class Generator:
             settings: Token limits and sampling (the default is greedy; seed ``torch`` to repeat a sampled answer).
             stream: Optional ``callback(row, text)`` called with each row's newly decoded text as it is generated;
                 the pieces of a row concatenate to its answer before stripping.
+            stopping_criteria: Optional transformers ``StoppingCriteriaList`` run at every step besides the
+                generation config's (e.g. rows that end on their own, as the API server's).
+            token_streamer: Optional streamer that also gets ``generate``'s calls (the prompt ids ``[B, T]``, then
+                each step's tokens ``[B]``), after ``stream``'s.
 
         Returns:
             One answer per request: the new tokens up to the first EOS, decoded without special tokens, stripped.
@@ -240,8 +261,12 @@ class Generator:
             pad_token_id=self.pad_token_id,
             bos_token_id=self.tokenizer.bos_token_id,
         )
-        streamer = _RowStreamer(self, len(requests), stream) if stream is not None else None
-        output = self.model.generate(**inputs, generation_config=config, streamer=streamer)
+        streamers = [_RowStreamer(self, len(requests), stream) if stream is not None else None, token_streamer]
+        streamers = [s for s in streamers if s is not None]
+        streamer = streamers[0] if len(streamers) == 1 else _Streamers(streamers) if streamers else None
+        output = self.model.generate(
+            **inputs, generation_config=config, streamer=streamer, stopping_criteria=stopping_criteria
+        )
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
         return [self._decode(row) for row in new_tokens]
 

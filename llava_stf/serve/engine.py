@@ -1,9 +1,9 @@
 """The model side of the API: requests from conversations, prompt token counts, and one batch run with per-row limits.
 
 ``ServeEngine`` wraps the one ``Generator`` (the checkpoint's saved template, image mode and EOS; prompts encoded as
-for ``python -m llava_stf.eval``). ``run(jobs)`` answers a batch with a single ``Generator.generate`` call. A thin
-wrapper around the model hands ``model.generate`` the batch's rows (``_Rows``) as a stopping criterion
-(transformers' ``StoppingCriteria``) and as a tap on the generator's streamer, so every row ends on its own: at EOS,
+for ``python -m llava_stf.eval``). ``run(jobs)`` answers a batch with a single ``Generator.generate`` call. The
+``Generator`` hands ``model.generate`` the batch's rows (``_Rows``) as a stopping criterion (transformers'
+``StoppingCriteria``) and as a second streamer (``_Tap``), so every row ends on its own: at EOS,
 at its own ``max_tokens``, at its first stop string, or as soon as its client has gone (``Job.cancel``). The batch
 decodes up to the largest ``max_tokens`` among its rows; rows are independent under greedy decoding (left padding,
 attention mask), so a row stopped at k tokens is what a batch of one would have given with ``max_new_tokens=k``.
@@ -161,14 +161,12 @@ class _Rows(StoppingCriteria):
 
 
 class _Tap(BaseStreamer):
-    """The streamer ``model.generate`` gets: hands every call on to the ``Generator``'s, then to the rows."""
+    """The rows' view of ``model.generate``'s streamer calls (after the ``Generator``'s own stream callback)."""
 
-    def __init__(self, inner: BaseStreamer | None, rows: _Rows):
-        self.inner, self.rows, self.prompt_seen = inner, rows, False
+    def __init__(self, rows: _Rows):
+        self.rows, self.prompt_seen = rows, False
 
     def put(self, value: torch.Tensor) -> None:
-        if self.inner is not None:
-            self.inner.put(value)
         if self.prompt_seen:
             self.rows.on_tokens(value)
         else:  # the first call carries the prompt ids [B, T]
@@ -176,26 +174,7 @@ class _Tap(BaseStreamer):
             self.rows.on_prompt(value)
 
     def end(self) -> None:
-        if self.inner is not None:
-            self.inner.end()
-
-
-class _BatchModel:
-    """The model as the ``Generator`` sees it: each ``generate`` call gets the batch's rows as stopping criterion and
-    as a tap on its streamer."""
-
-    def __init__(self, model: torch.nn.Module):
-        self._model = model
-        self.rows: _Rows | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def generate(self, **kwargs: Any) -> torch.Tensor:
-        if self.rows is not None:
-            kwargs["streamer"] = _Tap(kwargs.get("streamer"), self.rows)
-            kwargs["stopping_criteria"] = StoppingCriteriaList([self.rows])
-        return self._model.generate(**kwargs)
+        pass
 
 
 class ServeEngine:
@@ -210,9 +189,7 @@ class ServeEngine:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         self.max_tokens = max_tokens
-        self._model = _BatchModel(generator.model)
-        self.generator = copy.copy(generator)  # the same processor, template and EOS; the wrapped model
-        self.generator.model = self._model
+        self.generator = generator
         self.processor, self.template = generator.processor, generator.template
         self.context_length = context_length(generator.model)
         self.special_tokens = sorted({*generator.tokenizer.all_special_tokens, IMAGE_TOKEN}, key=lambda t: (-len(t), t))
@@ -294,11 +271,13 @@ class ServeEngine:
         rows = _Rows(jobs, self.generator, self.processor.image_token_id)
         if settings.sampling and first.seed is not None:
             torch.manual_seed(first.seed)
-        self._model.rows = rows
-        try:
-            self.variant(first.system).generate([job.request for job in jobs], settings, stream=rows.on_text)
-        finally:
-            self._model.rows = None
+        self.variant(first.system).generate(
+            [job.request for job in jobs],
+            settings,
+            stream=rows.on_text,
+            stopping_criteria=StoppingCriteriaList([rows]),
+            token_streamer=_Tap(rows),
+        )
         rows.close_all()
 
 
