@@ -13,9 +13,22 @@ import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextImageProcessorPil,
+    PreTrainedTokenizerFast,
+)
 
-from .model import LlavaStfConfig, LlavaStfForConditionalGeneration, LlavaStfProcessor
+from .model import (
+    LlavaStfConfig,
+    LlavaStfForConditionalGeneration,
+    LlavaStfNextConfig,
+    LlavaStfNextForConditionalGeneration,
+    LlavaStfNextProcessor,
+    LlavaStfProcessor,
+)
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 IMAGE_TOKEN = "<image>"
@@ -171,4 +184,69 @@ def save_tiny_checkpoint(
     config = tiny_config(tokenizer, projector_type, projector_kwargs or None)
     tiny_model(config, seed).save_pretrained(path)
     tiny_processor(config, tokenizer).save_pretrained(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ AnyRes (NeXT)
+# 56-px crops with patch 7 (an 8x8 patch grid per crop, so k = 2 fusion gives 4x4), tiled up to 112x112.
+TINY_NEXT_CROP = 56
+TINY_NEXT_PATCH = 7
+TINY_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+
+
+def tiny_next_config(
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    projector_type: str = "mbtf_stf",
+    projector_kwargs: dict[str, Any] | None = None,
+    **config_kwargs: Any,
+) -> LlavaStfNextConfig:
+    """A ``LlavaStfNextConfig`` (AnyRes) over the tiny towers at 56-px crops, pinpoints ``TINY_PINPOINTS``."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    config_kwargs.setdefault("image_grid_pinpoints", TINY_PINPOINTS)
+    return LlavaStfNextConfig(
+        vision_config=tiny_vision_config(image_size=TINY_NEXT_CROP, patch_size=TINY_NEXT_PATCH),
+        text_config=tiny_text_config(len(tokenizer)),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_type=projector_type,
+        projector_kwargs=projector_kwargs,
+        **config_kwargs,
+    )
+
+
+def tiny_next_image_processor(
+    crop: int = TINY_NEXT_CROP, pinpoints: list[list[int]] | None = None
+) -> LlavaNextImageProcessorPil:
+    """transformers' LLaVA-NeXT preprocessing at ``crop`` px crops over ``pinpoints``."""
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": crop},
+        crop_size={"height": crop, "width": crop},
+        image_grid_pinpoints=pinpoints or TINY_PINPOINTS,
+    )
+
+
+def tiny_next_processor(
+    config: LlavaStfNextConfig, tokenizer: PreTrainedTokenizerFast | None = None
+) -> LlavaStfNextProcessor:
+    """An AnyRes processor matching ``config`` (crop size, pinpoints, the projector's per-crop grid)."""
+    grid = config.crop_grid
+    return LlavaStfNextProcessor(
+        image_processor=tiny_next_image_processor(config.crop_size, config.image_grid_pinpoints),
+        tokenizer=tokenizer or tiny_tokenizer(),
+        crop_grid=[grid.rows, grid.cols, grid.cell],
+    )
+
+
+def tiny_next_model(config: LlavaStfNextConfig, seed: int = 0) -> LlavaStfNextForConditionalGeneration:
+    """A randomly initialised AnyRes model in eval mode (seeded)."""
+    torch.manual_seed(seed)
+    return LlavaStfNextForConditionalGeneration(config).eval()
+
+
+def save_tiny_next_checkpoint(path: str | Path, projector_type: str = "mbtf_stf", seed: int = 0) -> Path:
+    """Save a tiny AnyRes model + processor to ``path`` and return it."""
+    path = Path(path)
+    tokenizer = tiny_tokenizer()
+    config = tiny_next_config(tokenizer, projector_type)
+    tiny_next_model(config, seed).save_pretrained(path)
+    tiny_next_processor(config, tokenizer).save_pretrained(path)
     return path

@@ -28,6 +28,7 @@ ALLOWED: dict[str, str] = {
             "BatchFeature BitsAndBytesConfig CLIPConfig CLIPImageProcessorPil CLIPModel CLIPVisionConfig "
             "CLIPVisionModel GenerationConfig HfArgumentParser LlamaConfig LlamaForCausalLM LlamaModel LlavaConfig "
             "LlavaForConditionalGeneration LlavaImageProcessorPil LlavaModel LlavaPreTrainedModel LlavaProcessor "
+            "LlavaNextForConditionalGeneration LlavaNextImageProcessorPil LlavaNextModel LlavaNextPreTrainedModel "
             "LogitsProcessor LogitsProcessorList PreTrainedModel PreTrainedTokenizerBase PreTrainedTokenizerFast "
             "StoppingCriteria StoppingCriteriaList "
             "ProcessorMixin Trainer TrainerCallback TrainingArguments set_seed"
@@ -45,6 +46,8 @@ ALLOWED: dict[str, str] = {
     "transformers.modeling_utils.set_zero3_state": "source (keeps zero.Init off the builder's meta shell)",
     "transformers.models.llama.modeling_llama.apply_rotary_pos_emb": "source (FastV's query/key RoPE)",
     "transformers.models.llama.modeling_llama.repeat_kv": "source (FastV's grouped-query keys)",
+    "transformers.image_processing_utils.select_best_resolution": "source (AnyRes pinpoint choice)",
+    "transformers.models.llava_next.modeling_llava_next.unpad_image": "source (AnyRes unpadding, the model's own)",
 }
 
 

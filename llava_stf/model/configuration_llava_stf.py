@@ -34,6 +34,7 @@ class LlavaStfConfig(LlavaConfig):
     """
 
     model_type = "llava_stf"
+    anyres = False  # LLaVA-NeXT's crops + base image (LlavaStfNextConfig)
 
     def __init__(
         self,
@@ -74,6 +75,10 @@ class LlavaStfConfig(LlavaConfig):
         fields = self.to_dict()
         fields.update(reducer_type=reducer_type, reducer_kwargs=reducer_kwargs)
         return type(self)(**fields)
+
+    def image_token_count(self, height: int, width: int) -> int:
+        """Placeholders for one ``height x width`` image: ``num_image_tokens`` at any size (AnyRes overrides)."""
+        return self.num_image_tokens
 
     # ----------------------------------------------------------------------------------------- derived shapes
     def _vision_depth(self) -> int:

@@ -37,57 +37,36 @@ def build_projector(config: LlavaStfConfig) -> Projector:
     )
 
 
+def init_projector_layer(model: nn.Module, module: nn.Module) -> bool:
+    """PyTorch's default init when ``module`` is one of ``model``'s projector layers; ``False`` otherwise.
+
+    transformers initialises children before parents and, for code outside its own package, skips containers
+    without parameters of their own (a Projector), so the projector's layers are recognised one by one.
+    ``Projector.reset_parameters`` uses transformers' init functions, which leave loaded tensors alone.
+    """
+    projector = getattr(model, "multi_modal_projector", None)
+    if isinstance(projector, Projector) and any(module is layer for layer in projector.modules()):
+        projector.reset_parameters(module)
+        return True
+    return False
+
+
 class LlavaStfPreTrainedModel(LlavaPreTrainedModel):
     config_class = LlavaStfConfig
     config: LlavaStfConfig
 
     def _init_weights(self, module: nn.Module) -> None:
-        # transformers initialises children before parents and, for code outside its own package, skips containers
-        # without parameters of their own (a Projector), so the projector's layers are recognised one by one.
-        # Projector.reset_parameters uses transformers' init functions, which leave loaded tensors alone.
-        projector = getattr(self, "multi_modal_projector", None)
-        if isinstance(projector, Projector) and any(module is layer for layer in projector.modules()):
-            projector.reset_parameters(module)
-            return
-        super()._init_weights(module)
+        if not init_projector_layer(self, module):
+            super()._init_weights(module)
 
 
-class LlavaStfModel(LlavaStfPreTrainedModel, LlavaModel):
-    """Vision tower + registry projector + LLM backbone (no LM head), with an optional token reducer."""
+class StfModelHooks:
+    """The hooks LLaVA-STF overrides on a transformers multimodal base model (``LlavaModel``, ``LlavaNextModel``).
 
-    def __init__(self, config: LlavaStfConfig):
-        # Build each part once (calling LlavaModel.__init__ would build the stock projector first).
-        LlavaPreTrainedModel.__init__(self, config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.multi_modal_projector = build_projector(config)
-        self.reducer = build_reducer(config.reducer_type, config.reducer_kwargs, config.reducer_shapes())
-        self.language_model = install_llm_reducer(AutoModel.from_config(config.text_config), self.reducer)
-        self.post_init()
+    A mixin placed before the transformers class, so ``super()`` is always transformers' own method.
+    """
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs):
-        """Projected image tokens: ``pooler_output`` is a list of ``[tokens_i, D]``, one per image.
-
-        Args:
-            pixel_values: ``[n_images, 3, H, W]``.
-
-        With a vision-side reducer (PruMerge) each image has its own adaptive number of tokens ``tokens_i``.
-        """
-        if self.reducer is None or self.reducer.stage != "vision":
-            return super().get_image_features(pixel_values=pixel_values, **kwargs)
-        for name in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes"):
-            if kwargs.get(name) is not None:
-                raise ValueError(f"{name} is not supported with reducer_type '{self.config.reducer_type}'")
-        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        hidden = outputs.hidden_states
-        features = torch.cat([hidden[i][:, 1:] for i in self.config.vision_layers], dim=-1)
-        extra = {}
-        if self.reducer.needs_cls_features:  # VisionZip keeps the CLS token: its row of the same layers
-            extra["cls_features"] = torch.cat([hidden[i][:, 0] for i in self.config.vision_layers], dim=-1)
-        block = self.reducer.block_index(len(hidden) - 1)
-        tokens, valid = self.reducer(features, hidden[block], self.vision_tower.encoder.layers[block], **extra)
-        projected = self.multi_modal_projector(tokens[valid][None])[0]  # per-token projector, real rows only
-        outputs.pooler_output = list(projected.split(valid.sum(dim=1).tolist()))
-        return outputs
+    config: LlavaStfConfig
 
     def forward(
         self,
@@ -143,6 +122,12 @@ class LlavaStfModel(LlavaStfPreTrainedModel, LlavaModel):
         source = f"projector '{config.projector_type}'"
         if config.reducer_type is not None:
             source += f" with reducer '{config.reducer_type}'"
+        if config.anyres:
+            return (
+                f"{rows} image feature rows: AnyRes with {source} gives each image its own count (crops + base "
+                f"image, {per_image} tokens each, unpadded, plus newlines): config.image_token_count(height, width); "
+                "expand each <image> with the LlavaStfNextProcessor"
+            )
         if config.adaptive_image_tokens:
             return (
                 f"{rows} image feature rows: {source} gives each image its own number of tokens (at most "
@@ -155,14 +140,46 @@ class LlavaStfModel(LlavaStfPreTrainedModel, LlavaModel):
         )
 
 
-class LlavaStfForConditionalGeneration(LlavaStfPreTrainedModel, LlavaForConditionalGeneration):
-    """LLaVA-STF for generation and training: ``forward``/``generate`` are transformers' ``Llava`` ones."""
+class LlavaStfModel(StfModelHooks, LlavaStfPreTrainedModel, LlavaModel):
+    """Vision tower + registry projector + LLM backbone (no LM head), with an optional token reducer."""
 
     def __init__(self, config: LlavaStfConfig):
+        # Build each part once (calling LlavaModel.__init__ would build the stock projector first).
         LlavaPreTrainedModel.__init__(self, config)
-        self.model = LlavaStfModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = build_projector(config)
+        self.reducer = build_reducer(config.reducer_type, config.reducer_kwargs, config.reducer_shapes())
+        self.language_model = install_llm_reducer(AutoModel.from_config(config.text_config), self.reducer)
         self.post_init()
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs):
+        """Projected image tokens: ``pooler_output`` is a list of ``[tokens_i, D]``, one per image.
+
+        Args:
+            pixel_values: ``[n_images, 3, H, W]``.
+
+        With a vision-side reducer (PruMerge) each image has its own adaptive number of tokens ``tokens_i``.
+        """
+        if self.reducer is None or self.reducer.stage != "vision":
+            return super().get_image_features(pixel_values=pixel_values, **kwargs)
+        for name in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{name} is not supported with reducer_type '{self.config.reducer_type}'")
+        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        hidden = outputs.hidden_states
+        features = torch.cat([hidden[i][:, 1:] for i in self.config.vision_layers], dim=-1)
+        extra = {}
+        if self.reducer.needs_cls_features:  # VisionZip keeps the CLS token: its row of the same layers
+            extra["cls_features"] = torch.cat([hidden[i][:, 0] for i in self.config.vision_layers], dim=-1)
+        block = self.reducer.block_index(len(hidden) - 1)
+        tokens, valid = self.reducer(features, hidden[block], self.vision_tower.encoder.layers[block], **extra)
+        projected = self.multi_modal_projector(tokens[valid][None])[0]  # per-token projector, real rows only
+        outputs.pooler_output = list(projected.split(valid.sum(dim=1).tolist()))
+        return outputs
+
+
+class StfGenerationHooks:
+    """``generate`` hooks of the LLaVA-STF generation classes (a mixin before the transformers class)."""
 
     def generate(self, *args, **kwargs):
         """transformers' ``generate``; with an in-LLM reducer it also passes ``prompt_length`` (see the model)."""
@@ -181,4 +198,22 @@ class LlavaStfForConditionalGeneration(LlavaStfPreTrainedModel, LlavaForConditio
         return inputs
 
 
-__all__ = ["LlavaStfForConditionalGeneration", "LlavaStfModel", "LlavaStfPreTrainedModel", "build_projector"]
+class LlavaStfForConditionalGeneration(StfGenerationHooks, LlavaStfPreTrainedModel, LlavaForConditionalGeneration):
+    """LLaVA-STF for generation and training: ``forward``/``generate`` are transformers' ``Llava`` ones."""
+
+    def __init__(self, config: LlavaStfConfig):
+        LlavaPreTrainedModel.__init__(self, config)
+        self.model = LlavaStfModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
+__all__ = [
+    "LlavaStfForConditionalGeneration",
+    "LlavaStfModel",
+    "LlavaStfPreTrainedModel",
+    "StfGenerationHooks",
+    "StfModelHooks",
+    "build_projector",
+    "init_projector_layer",
+]

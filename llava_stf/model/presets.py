@@ -21,7 +21,9 @@ import yaml
 
 from .. import configs
 from .configuration_llava_stf import LlavaStfConfig
+from .configuration_llava_stf_next import LlavaStfNextConfig
 from .modeling_llava_stf import LlavaStfForConditionalGeneration
+from .modeling_llava_stf_next import generation_class
 
 PRESET_DIR = configs.CONFIG_ROOT / "model"
 
@@ -64,7 +66,7 @@ LLMS: dict[str, dict[str, Any]] = {
 }
 # Vicuna's 32000 tokens + <image> (id 32000), padded to a multiple of 64 as llava-hf does.
 VOCAB_SIZE, IMAGE_TOKEN_ID, PAD_TOKEN_ID = 32064, 32000, 0
-PRESET_KEYS = {"vision", "llm", "projector_type", "projector_kwargs", "vision_feature_layer"}
+PRESET_KEYS = {"vision", "llm", "projector_type", "projector_kwargs", "vision_feature_layer", "image_grid_pinpoints"}
 
 
 def list_presets() -> list[str]:
@@ -88,7 +90,10 @@ def _lookup(table: dict[str, dict[str, Any]], kind: str, name: str) -> dict[str,
 
 
 def load_preset(name_or_path: str | Path) -> LlavaStfConfig:
-    """Config for a preset name (a file in ``configs/model``) or a path to a preset YAML."""
+    """Config for a preset name (a file in ``configs/model``) or a path to a preset YAML.
+
+    A preset with ``image_grid_pinpoints`` is an AnyRes (LLaVA-NeXT) model: a :class:`LlavaStfNextConfig`.
+    """
     path = preset_path(name_or_path)
     spec = yaml.safe_load(path.read_text()) or {}
     unknown = set(spec) - PRESET_KEYS
@@ -96,7 +101,9 @@ def load_preset(name_or_path: str | Path) -> LlavaStfConfig:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; valid: {sorted(PRESET_KEYS)}")
     vision = _lookup(VISION_TOWERS, "vision tower", spec["vision"])
     text = _lookup(LLMS, "llm", spec["llm"])
-    return LlavaStfConfig(
+    anyres = {"image_grid_pinpoints": spec["image_grid_pinpoints"]} if "image_grid_pinpoints" in spec else {}
+    return (LlavaStfNextConfig if anyres else LlavaStfConfig)(
+        **anyres,
         vision_config=dict(model_type="clip_vision_model", **vision),
         text_config=dict(model_type="llama", vocab_size=VOCAB_SIZE, pad_token_id=PAD_TOKEN_ID, **text),
         image_token_index=IMAGE_TOKEN_ID,
@@ -110,7 +117,7 @@ def build_meta_model(name_or_path: str | Path | LlavaStfConfig) -> LlavaStfForCo
     """The full model on the meta device: real shapes and parameter counts, no memory."""
     config = name_or_path if isinstance(name_or_path, LlavaStfConfig) else load_preset(name_or_path)
     with torch.device("meta"):
-        return LlavaStfForConditionalGeneration(config)
+        return generation_class(config)(config)
 
 
 def parameter_counts(model: LlavaStfForConditionalGeneration) -> dict[str, int]:
@@ -128,12 +135,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("names", nargs="*", help=f"preset names or YAML paths (default: all of {PRESET_DIR})")
     args = parser.parse_args(argv)
     names = args.names or list_presets()
-    print(f"{'preset':28} {'projector':13} {'tokens':>6} {'projector params':>17} {'total params':>14}")
+    print(
+        f"{'preset':28} {'projector':13} {'tokens':>6} {'at 672x672':>10} {'projector params':>17} {'total params':>14}"
+    )
     for name in names:
         model = build_meta_model(name)
-        counts = parameter_counts(model)
+        counts, config = parameter_counts(model), model.config
+        at_672 = config.image_token_count(672, 672) if config.anyres else config.num_image_tokens  # 1.5: resized
         print(
-            f"{name:28} {model.config.projector_type:13} {model.config.num_image_tokens:>6} "
+            f"{name:28} {config.projector_type:13} {config.num_image_tokens:>6} {at_672:>10} "
             f"{counts['projector']:>17,} {sum(counts.values()):>14,}"
         )
 

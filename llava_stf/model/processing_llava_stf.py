@@ -47,6 +47,7 @@ class LlavaStfProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
+    image_modes: tuple[str, ...] = IMAGE_MODES
 
     def __init__(
         self,
@@ -59,8 +60,8 @@ class LlavaStfProcessor(ProcessorMixin):
         chat_template: str | None = None,
         **kwargs,
     ):
-        if image_aspect_ratio not in IMAGE_MODES:
-            raise ValueError(f"image_aspect_ratio must be one of {IMAGE_MODES}, got {image_aspect_ratio!r}")
+        if image_aspect_ratio not in self.image_modes:
+            raise ValueError(f"image_aspect_ratio must be one of {self.image_modes}, got {image_aspect_ratio!r}")
         if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
             raise ValueError(f"num_image_tokens must be a positive integer, got {num_image_tokens!r}")
         self.num_image_tokens = num_image_tokens
@@ -87,6 +88,14 @@ class LlavaStfProcessor(ProcessorMixin):
         if self.image_aspect_ratio == "pad":
             rgb = [expand_to_square(img, self.pad_color) for img in rgb]
         return self.image_processor(rgb, return_tensors="pt")["pixel_values"]
+
+    def image_inputs(self, images: Image.Image | Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """The model's image inputs: ``{"pixel_values": [n, 3, H, W]}`` (AnyRes adds crops and ``image_sizes``)."""
+        return {"pixel_values": self.preprocess_images(images)}
+
+    def image_token_counts(self, images: Image.Image | Sequence[Image.Image]) -> list[int]:
+        """Placeholders each image needs, in order: ``num_image_tokens`` each (AnyRes: by image size)."""
+        return [self.num_image_tokens] * (1 if isinstance(images, Image.Image) else len(images))
 
     # ------------------------------------------------------------------------------------------------- text
     def expand_image_tokens(self, input_ids: Sequence[int]) -> list[int]:
@@ -140,12 +149,13 @@ class LlavaStfProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """Tokenize ``text`` (one string or a batch), expand ``<image>`` and preprocess ``images``.
 
-        ``image_tokens``: placeholders per image in text order (``None``: ``num_image_tokens`` each); an adaptive
-        reducer's counts come from ``model.get_image_features``.
+        ``image_tokens``: placeholders per image in text order (``None``: ``image_token_counts(images)``); an
+        adaptive reducer's counts come from ``model.get_image_features``.
 
         Returns:
             ``input_ids`` ``[B, T]`` and ``attention_mask`` ``[B, T]`` (padded on ``tokenizer.padding_side``),
-            and ``pixel_values`` ``[n_images, 3, H, W]`` when images are given (in text order).
+            and ``image_inputs(images)`` when images are given (in text order): ``pixel_values``
+            ``[n_images, 3, H, W]`` (AnyRes: ``[n_images, max_crops, 3, H, W]`` and ``image_sizes``).
         """
         if text is None:
             raise ValueError("text is required (use '<image>' where the image goes)")
@@ -157,6 +167,8 @@ class LlavaStfProcessor(ProcessorMixin):
                 f"the text has {n_tags} {self.image_token!r} tag(s) but {n_images} image(s) were given; "
                 "each image needs exactly one tag"
             )
+        if image_tokens is None and n_images:
+            image_tokens = self.image_token_counts(images)
         counts = self._counts(image_tokens, n_tags)
         sequences = [
             self.encode_prompt(t, add_special_tokens, [next(counts) for _ in range(t.count(self.image_token))])
@@ -164,7 +176,7 @@ class LlavaStfProcessor(ProcessorMixin):
         ]
         data: dict[str, Any] = self.pad(sequences) if padding or len(sequences) == 1 else {"input_ids": sequences}
         if n_images:
-            data["pixel_values"] = self.preprocess_images(images)
+            data.update(self.image_inputs(images))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def pad(self, sequences: Sequence[Sequence[int]]) -> dict[str, list[list[int]]]:

@@ -56,6 +56,14 @@ class ProjectorParams:
         """Number of LLM tokens emitted per image for a ``grid_h x grid_w`` patch grid."""
         return grid_h * grid_w
 
+    def output_grid(self, grid_h: int, grid_w: int) -> tuple[int, int, int]:
+        """The emitted tokens as a row-major grid: ``(rows, cols, tokens per cell)``.
+
+        AnyRes (LLaVA-NeXT) re-assembles crops on this grid, unpads it and puts a newline after each row, so it must
+        describe the real token order; ``rows * cols * cell == num_image_tokens(grid_h, grid_w)``.
+        """
+        return grid_h, grid_w, 1
+
     @classmethod
     def from_kwargs(cls, projector_type: str, kwargs: dict[str, Any] | None) -> ProjectorParams:
         """Build from ``config.projector_kwargs``; unknown keys are an error listing the valid ones."""

@@ -27,6 +27,9 @@ class WindowParams(ProjectorParams):
     def num_image_tokens(self, grid_h: int, grid_w: int) -> int:
         return (grid_h // self.window) * (grid_w // self.window)
 
+    def output_grid(self, grid_h: int, grid_w: int) -> tuple[int, int, int]:
+        return grid_h // self.window, grid_w // self.window, 1
+
 
 class AvgPoolProjector(Projector):
     """k x k average pooling, then the MLP: ``[B, H*W, C] -> [B, (H/k)*(W/k), D]``."""

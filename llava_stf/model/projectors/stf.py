@@ -58,6 +58,9 @@ class StfParams(ProjectorParams):
     def num_image_tokens(self, grid_h: int, grid_w: int) -> int:
         return (grid_h // self.window) * (grid_w // self.window) * self.fused_tokens
 
+    def output_grid(self, grid_h: int, grid_w: int) -> tuple[int, int, int]:
+        return grid_h // self.window, grid_w // self.window, self.fused_tokens  # a window's n tokens are adjacent
+
 
 class SpatialTokenFusion(nn.Module):
     """Conv fusion + alignment: ``[B, H*W, C] -> [B, (H/k)*(W/k)*n, D]``.

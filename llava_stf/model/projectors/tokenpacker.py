@@ -71,6 +71,9 @@ class TokenPackerParams(ProjectorParams):
     def num_image_tokens(self, grid_h: int, grid_w: int) -> int:
         return (grid_h // self.scale) * (grid_w // self.scale)
 
+    def output_grid(self, grid_h: int, grid_w: int) -> tuple[int, int, int]:
+        return grid_h // self.scale, grid_w // self.scale, 1
+
 
 def default_levels(depth: int) -> list[int]:
     """Hidden states for keys/values, scaled from the original's ``[12, 16, 22, 23]`` of the 24-block CLIP.
