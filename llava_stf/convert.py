@@ -1,12 +1,21 @@
-"""Convert released checkpoints to the llava_stf format, and export LLaVA-1.5-style models to llava-hf.
+"""Convert released checkpoints to the llava_stf format, and export LLaVA-1.5 / LLaVA-NeXT-style models to llava-hf.
 
 Usage::
 
     python -m llava_stf.convert --from llava SRC DST [--vision-tower PATH]
+    python -m llava_stf.convert --from llava-next SRC DST [--vision-tower PATH]
     python -m llava_stf.convert --from llava-stf-official SRC DST [--vision-tower PATH] [--vision-feature-layer 8,7,..]
     python -m llava_stf.convert --from llava-hf SRC DST
     python -m llava_stf.convert --to llava-hf SRC DST
     python -m llava_stf.convert --projector-only --from {llava,llava-stf-official} SRC/mm_projector.bin DST.safetensors
+
+AnyRes (LLaVA-NeXT): ``--from llava-next`` reads the original 1.6 release of haotian-liu/LLaVA (e.g.
+``liuhaotian/llava-v1.6-vicuna-7b``: ``image_aspect_ratio: anyres``, ``mm_patch_merge_type: spatial_unpad``,
+``image_grid_pinpoints`` as ``[width, height]`` pairs, the ``model.image_newline`` weight) and writes a
+``LlavaStfNextForConditionalGeneration`` folder (``mlp2x_gelu``, pinpoints as ``[height, width]``) with a
+``LlavaStfNextProcessor``. ``--to llava-hf`` on an AnyRes ``mlp2x_gelu`` checkpoint writes transformers' own
+``LlavaNextForConditionalGeneration`` + ``LlavaNextProcessor`` folder (llava-hf ``llava-v1.6-*`` format); a llava-hf
+NeXT folder needs no conversion (``LlavaStfNextForConditionalGeneration.from_pretrained`` reads it as it is).
 
 A converted folder holds safetensors weights, ``config.json``, the tokenizer (with ``<image>`` added and ``<unk>`` as
 padding, as LLaVA pads), the processor and a greedy ``generation_config.json``. This file does the file I/O; the key
@@ -37,21 +46,24 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
+    AutoConfig,
+    AutoProcessor,
     AutoTokenizer,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
-    LlavaForConditionalGeneration,
     LlavaImageProcessorPil,
+    LlavaNextProcessor,
     LlavaProcessor,
 )
 
 from .errors import UserError, add_debug_flag, run_main
-from .loading import check_checkpoint, read_json_object
-from .model import LlavaStfForConditionalGeneration, LlavaStfProcessor
-from .model.builder import prepare_tokenizer
+from .loading import CHECKPOINT_PROCESSORS, check_checkpoint, read_json_object
+from .model import LlavaStfConfig, LlavaStfProcessor, generation_class
+from .model.builder import build_processor, prepare_tokenizer
 from .model.conversion import (
+    EXPORT_TARGETS,
     SOURCES,
     ConversionError,
     StateDict,
@@ -239,18 +251,24 @@ def read_source_config(source: str, src: Path) -> dict[str, Any]:
     if config is None:
         raise UserError(f"{src} is not a checkpoint folder: no config.json")
     model_type = config.get("model_type")
-    if model_type == "llava_stf":
+    if model_type in CHECKPOINT_PROCESSORS:
         raise UserError(
-            f"{src} is already a llava_stf checkpoint (model_type 'llava_stf'): nothing to convert (to export an "
+            f"{src} is already a llava_stf checkpoint (model_type {model_type!r}): nothing to convert (to export an "
             "mlp2x_gelu one to transformers' LLaVA: --to llava-hf)"
         )
     if source == "llava-hf":
         if model_type != "llava" or "text_config" not in config:
-            hint = "an original LLaVA config: use --from llava or --from llava-stf-official"
+            hints = {
+                "llava_llama": "an original LLaVA config: use --from llava or --from llava-stf-official",
+                "llava_next": "a llava-hf LLaVA-NeXT checkpoint needs no conversion: "
+                "LlavaStfNextForConditionalGeneration.from_pretrained reads it as it is",
+            }
+            if model_type == "llava_llama" and config.get("image_aspect_ratio") == "anyres":
+                hints["llava_llama"] = "an original LLaVA-NeXT config: use --from llava-next"
             raise UserError(
                 f"{src}/config.json is not a llava-hf config (model_type {model_type!r}, "
                 f"{'with' if 'text_config' in config else 'no'} text_config)"
-                + (f"; {hint}" if model_type == "llava_llama" else "")
+                + (f"; {hints[model_type]}" if model_type in hints else "")
             )
     else:
         check_fields(source, config)
@@ -269,13 +287,14 @@ def convert_checkpoint(
     """Convert the checkpoint folder ``src`` (``--from source``) into a llava_stf folder ``dst``.
 
     Args:
-        source: ``llava``, ``llava-stf-official`` or ``llava-hf``.
+        source: ``llava``, ``llava-next`` (AnyRes: the output is a ``LlavaStfNextForConditionalGeneration``),
+            ``llava-stf-official`` or ``llava-hf``.
         src: source folder (config.json, weights, tokenizer files).
         dst: new output folder.
         vision_tower: CLIP checkpoint for the vision config, preprocessing and (when the source lacks them) the
             tower weights; default: the source config's ``mm_vision_tower``.
         vision_feature_layer: explicit hidden-state indices (the official release on a non-24-block tower).
-        image_mode: processor image mode override (``pad`` / ``square``); default from the source.
+        image_mode: processor image mode override (``pad`` / ``square``; not for AnyRes); default from the source.
         overwrite: replace an existing ``dst`` (see :func:`check_destination`).
 
     Returns:
@@ -283,6 +302,11 @@ def convert_checkpoint(
     """
     src, dst = Path(src), Path(dst)
     src_config = read_source_config(source, src)
+    if image_mode is not None and image_aspect_ratio(src_config) == "anyres":
+        raise UserError(
+            f"--image-aspect-ratio {image_mode} is for LLaVA-1.5 sources; {src} is AnyRes (LLaVA-NeXT), whose "
+            "processor tiles every image"
+        )
     check_destination(dst, folder=True, overwrite=overwrite, src=src)
     state_dict = load_weights(src)
     # LlavaLlamaConfig is unknown to transformers; its tokenizer is Llama's (llava-hf configs load as they are).
@@ -318,19 +342,14 @@ def convert_checkpoint(
     converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
     config.dtype = dtype
     with torch.device("meta"):
-        model = LlavaStfForConditionalGeneration(config)
+        model = generation_class(config)(config)
     model.load_state_dict(converted, strict=True, assign=True)
     model.generation_config, notes = greedy_generation_config(
         read_json_object(src / "generation_config.json"), src_config, tokenizer.pad_token_id
     )
     image_processor, pads = load_image_processor(tower, config.vision_config.image_size)
     source_mode = ("pad" if pads else "square") if source == "llava-hf" else image_aspect_ratio(src_config)
-    processor = LlavaStfProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        num_image_tokens=config.num_image_tokens,
-        image_aspect_ratio=image_mode or source_mode,
-    )
+    processor = build_processor(config, image_processor, tokenizer, image_mode or source_mode)
     with staged_output(dst, folder=True) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
@@ -341,33 +360,48 @@ def convert_checkpoint(
 
 
 def export_to_llava_hf(src: str | Path, dst: str | Path, overwrite: bool = False) -> None:
-    """Write our ``mlp2x_gelu`` checkpoint ``src`` as a transformers ``LlavaForConditionalGeneration`` folder."""
+    """Write our ``mlp2x_gelu`` checkpoint ``src`` as a transformers folder: ``LlavaForConditionalGeneration`` +
+    ``LlavaProcessor``, or for an AnyRes checkpoint ``LlavaNextForConditionalGeneration`` + ``LlavaNextProcessor``."""
     src, dst = Path(src), Path(dst)
     check_checkpoint(src)  # a one-line reason for anything but a llava_stf checkpoint, before building a model
     check_destination(dst, folder=True, overwrite=overwrite, src=src)
-    model, info = LlavaStfForConditionalGeneration.from_pretrained(src, dtype="auto", output_loading_info=True)
+    config: LlavaStfConfig = AutoConfig.from_pretrained(src)
+    model, info = generation_class(config).from_pretrained(src, dtype="auto", output_loading_info=True)
     if info["missing_keys"]:
         raise ConversionError(f"{src} lacks weights: {sorted(info['missing_keys'])}")
-    processor = LlavaStfProcessor.from_pretrained(src)
+    processor = AutoProcessor.from_pretrained(src)
     hf_config, state_dict = export_llava_hf(model.config, model.state_dict())
     hf_config.dtype = model.dtype
     with torch.device("meta"):
-        hf_model = LlavaForConditionalGeneration(hf_config)
+        hf_model = EXPORT_TARGETS[config.anyres].model_class(hf_config)
     hf_model.load_state_dict(state_dict, strict=True, assign=True)
     hf_model.generation_config = model.generation_config
-    image_settings = processor.image_processor.to_dict()
-    image_settings.pop("image_processor_type", None)
-    hf_processor = LlavaProcessor(
-        image_processor=LlavaImageProcessorPil(**image_settings, do_pad=processor.image_aspect_ratio == "pad"),
+    with staged_output(dst, folder=True) as staging:
+        hf_model.save_pretrained(staging)
+        export_processor(processor, model.config).save_pretrained(staging)
+
+
+def export_processor(processor: LlavaStfProcessor, config: LlavaStfConfig) -> LlavaProcessor | LlavaNextProcessor:
+    """transformers' own processor for an exported model: the same tokenizer, preprocessing and placeholder count.
+
+    An AnyRes processor's image processor is transformers' ``LlavaNextImageProcessorPil`` already; a LLaVA-1.5 one
+    pads to square in our processor, which llava-hf's ``LlavaImageProcessor`` records as ``do_pad``.
+    """
+    if config.anyres:
+        processor_class, image_processor = LlavaNextProcessor, processor.image_processor
+    else:
+        image_settings = processor.image_processor.to_dict()
+        image_settings.pop("image_processor_type", None)
+        do_pad = processor.image_aspect_ratio == "pad"
+        processor_class, image_processor = LlavaProcessor, LlavaImageProcessorPil(**image_settings, do_pad=do_pad)
+    return processor_class(
+        image_processor=image_processor,
         tokenizer=processor.tokenizer,
-        patch_size=model.config.vision_config.patch_size,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # CLIP's CLS token
         chat_template=processor.chat_template,
     )
-    with staged_output(dst, folder=True) as staging:
-        hf_model.save_pretrained(staging)
-        hf_processor.save_pretrained(staging)
 
 
 def convert_projector_file(source: str, src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
@@ -400,7 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llava_stf.convert", description=__doc__.splitlines()[0])
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from", dest="source", choices=SOURCES, help="convert a released checkpoint to ours")
-    direction.add_argument("--to", dest="target", choices=("llava-hf",), help="export our mlp2x_gelu checkpoint")
+    direction.add_argument(
+        "--to", dest="target", choices=("llava-hf",), help="export our mlp2x_gelu checkpoint (LLaVA-1.5 or AnyRes)"
+    )
     parser.add_argument("src", help="source folder (or mm_projector.bin with --projector-only)")
     parser.add_argument("dst", help="new output folder (or .safetensors file with --projector-only)")
     parser.add_argument("--vision-tower", help="CLIP checkpoint (default: the source's mm_vision_tower)")

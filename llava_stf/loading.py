@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
-from .model import LlavaStfConfig, LlavaStfProcessor  # importing .model registers llava_stf with the Auto classes
+from .model import LlavaStfProcessor  # importing .model registers llava_stf with the Auto classes
 from .reducer_choice import ReducerChoice
 
 WEIGHT_FILES = (
@@ -25,6 +25,8 @@ WEIGHT_FILES = (
 )
 QUANTIZED_BITS = (4, 8)  # load_checkpoint(load_in_bits=...) with bitsandbytes on a CUDA device
 NOT_QUANTIZED = ["vision_tower", "multi_modal_projector", "lm_head"]  # kept in ``dtype`` when quantizing the LLM
+# model_type -> the processor class its checkpoints save (LLaVA-1.5 layout; AnyRes, LLaVA-NeXT).
+CHECKPOINT_PROCESSORS = {"llava_stf": "LlavaStfProcessor", "llava_stf_next": "LlavaStfNextProcessor"}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # --dtype names
 
 
@@ -51,7 +53,7 @@ def check_checkpoint(path: str | Path) -> None:
             else ""
         )
         raise ValueError(f"{path} is not a llava_stf checkpoint: no config.json{hint}")
-    if config.get("model_type") != "llava_stf":
+    if config.get("model_type") not in CHECKPOINT_PROCESSORS:
         raise ValueError(
             f"{path} holds a {config.get('model_type')!r} model, not a llava_stf checkpoint (model_type "
             "'llava_stf'); convert it first with python -m llava_stf.convert"
@@ -62,9 +64,10 @@ def check_checkpoint(path: str | Path) -> None:
             "holds only the projector: use a stage-2 output or a converted checkpoint"
         )
     processor = read_json_object(path / "processor_config.json")
-    if processor is None or processor.get("processor_class") != "LlavaStfProcessor":
+    expected = CHECKPOINT_PROCESSORS[config["model_type"]]
+    if processor is None or processor.get("processor_class") != expected:
         found = "none" if processor is None else repr(processor.get("processor_class"))
-        raise ValueError(f"{path} has no LlavaStfProcessor saved in processor_config.json (found: {found})")
+        raise ValueError(f"{path} has no {expected} saved in processor_config.json (found: {found})")
 
 
 def read_json_object(file: Path) -> dict | None:
@@ -125,7 +128,7 @@ def load_checkpoint(
     """
     path = Path(path)
     check_checkpoint(path)
-    config = reducer.resolve(LlavaStfConfig.from_pretrained(path)).config if reducer is not None else None
+    config = reducer.resolve(AutoConfig.from_pretrained(path)).config if reducer is not None else None
     overrides = {"config": config} if config is not None else {}
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:

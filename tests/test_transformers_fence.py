@@ -34,6 +34,8 @@ ALLOWED: dict[str, str] = {
             "ProcessorMixin Trainer TrainerCallback TrainingArguments set_seed"
         ).split()
     },
+    "transformers.LlavaNextConfig": "top level (convert --to llava-hf: the config of an exported AnyRes model)",
+    "transformers.LlavaNextProcessor": "top level (convert --to llava-hf: the processor of an exported AnyRes model)",
     "transformers.activations.ACT2FN": "documented (activation registry)",
     "transformers.initialization": "documented (v5 init functions that skip loaded tensors)",
     "transformers.masking_utils.create_causal_mask": "documented (mask builder for custom decoders, layer_idx)",

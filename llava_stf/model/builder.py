@@ -4,25 +4,45 @@ This is the start of stage 1: ``openai/clip-vit-large-patch14-336`` + ``lmsys/vi
 tower and causal LM that transformers loads). The builder adds the ``<image>`` token (and a pad token if the LLM
 has none, reusing ``<unk>`` as LLaVA does), resizes the embeddings, creates a freshly initialised projector, and
 returns the model with the matching processor. It freezes nothing: what trains is the training stage's business.
+With ``image_grid_pinpoints`` it builds the AnyRes (LLaVA-NeXT) model instead: ``LlavaStfNextConfig``, its
+generation class (``generation_class(config)``), a freshly initialised ``image_newline`` and a
+``LlavaStfNextProcessor`` whose ``LlavaNextImageProcessorPil`` takes the CLIP processor's resize and normalisation.
+:func:`build_processor` (the processor for a config) is shared with ``llava_stf.convert``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionModel,
+    LlavaNextImageProcessorPil,
+)
 from transformers.modeling_utils import set_zero3_state
 
 from .configuration_llava_stf import LlavaStfConfig
+from .configuration_llava_stf_next import LlavaStfNextConfig
 from .modeling_llava_stf import LlavaStfForConditionalGeneration, build_projector
+from .modeling_llava_stf_next import LlavaStfNextForConditionalGeneration, generation_class
 from .processing_llava_stf import LlavaStfProcessor
+from .processing_llava_stf_next import LlavaStfNextProcessor
 from .reducers import budget_kwargs, install_llm_reducer
 
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
+# CLIP preprocessing settings an AnyRes image processor takes over (each crop is preprocessed as CLIP does).
+CLIP_SETTINGS = (
+    "do_convert_rgb", "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+    "do_normalize", "image_mean", "image_std",
+)  # fmt: skip
 
 
 def prepare_tokenizer(tokenizer) -> int:
@@ -35,6 +55,50 @@ def prepare_tokenizer(tokenizer) -> int:
     return int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
 
 
+def anyres_image_processor(
+    image_processor: CLIPImageProcessorPil, image_grid_pinpoints: list[list[int]]
+) -> LlavaNextImageProcessorPil:
+    """transformers' LLaVA-NeXT preprocessing with a CLIP processor's resize, crop and normalisation + the pinpoints."""
+    settings = image_processor.to_dict()
+    kept = {k: settings[k] for k in CLIP_SETTINGS if settings.get(k) is not None}
+    return LlavaNextImageProcessorPil(**kept, image_grid_pinpoints=[list(p) for p in image_grid_pinpoints])
+
+
+def build_processor(
+    config: LlavaStfConfig, image_processor: CLIPImageProcessorPil, tokenizer, image_aspect_ratio: str | None = None
+) -> LlavaStfProcessor:
+    """The processor for ``config``: ``LlavaStfProcessor``, or ``LlavaStfNextProcessor`` for an AnyRes config.
+
+    Args:
+        config: the model's config (its placeholder count; for AnyRes its pinpoints and ``crop_grid``).
+        image_processor: the vision tower's CLIP image processor.
+        tokenizer: a tokenizer that has ``<image>`` (see :func:`prepare_tokenizer`).
+        image_aspect_ratio: ``"square"`` (the default) or ``"pad"``; an AnyRes model tiles (``"anyres"``, the only
+            mode it takes).
+
+    Raises:
+        ValueError: an image mode the config's model family does not take.
+    """
+    if not config.anyres:
+        return LlavaStfProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            num_image_tokens=config.num_image_tokens,
+            image_aspect_ratio=image_aspect_ratio or "square",
+        )
+    if image_aspect_ratio not in (None, "anyres"):
+        raise ValueError(
+            f"image_aspect_ratio={image_aspect_ratio!r} is for LLaVA-1.5 models; an AnyRes model "
+            "(image_grid_pinpoints) tiles every image: its processor's mode is 'anyres'"
+        )
+    grid = config.crop_grid
+    return LlavaStfNextProcessor(
+        image_processor=anyres_image_processor(image_processor, config.image_grid_pinpoints),
+        tokenizer=tokenizer,
+        crop_grid=[grid.rows, grid.cols, grid.cell],
+    )
+
+
 def build_model(
     vision_tower: str,
     llm: str,
@@ -44,12 +108,13 @@ def build_model(
     reducer_type: str | None = None,
     reducer_kwargs: dict[str, Any] | None = None,
     reducer_tokens: int | None = None,
-    image_aspect_ratio: str = "square",
+    image_aspect_ratio: str | None = None,
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
     pad_to_multiple_of: int = 64,
     model_max_length: int = 2048,
-) -> tuple[LlavaStfForConditionalGeneration, LlavaStfProcessor]:
+    image_grid_pinpoints: list[list[int]] | None = None,
+) -> tuple[LlavaStfForConditionalGeneration | LlavaStfNextForConditionalGeneration, LlavaStfProcessor]:
     """Load both towers, add the image token and build the model and processor.
 
     Args:
@@ -62,14 +127,21 @@ def build_model(
         reducer_kwargs: the reducer's settings.
         reducer_tokens: a token budget instead of ``reducer_kwargs``: the reducer's own rule for that many image
             tokens (``model.reducers.budget_kwargs``).
-        image_aspect_ratio: processor image mode, ``"square"`` (stage 1) or ``"pad"`` (stage 2 and eval).
+        image_aspect_ratio: processor image mode, ``"square"`` (stage 1, the default) or ``"pad"`` (stage 2 and
+            eval); an AnyRes model takes only ``"anyres"`` (or ``None``).
         dtype: load dtype for both towers (``None``: float32).
         attn_implementation: e.g. ``"sdpa"``; ``None`` lets transformers choose.
         pad_to_multiple_of: embedding rows are padded to a multiple of this (llava-hf uses 64: 32064 rows).
         model_max_length: tokenizer length limit recorded in the processor.
+        image_grid_pinpoints: ``[[height, width], ...]`` in pixels (multiples of the tower's image size): build the
+            AnyRes (LLaVA-NeXT) model, ``LlavaStfNextForConditionalGeneration`` + ``LlavaStfNextProcessor``.
 
     Returns:
         ``(model, processor)``; every parameter trainable, the model in train mode as transformers leaves it.
+
+    Raises:
+        ValueError: settings that do not fit together (a reducer budget with explicit settings, an image mode the
+            model family does not take); the config's own errors (``ProjectorConfigError``).
     """
     load_kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
     if attn_implementation:
@@ -81,7 +153,10 @@ def build_model(
     if len(tokenizer) > language.get_input_embeddings().weight.shape[0]:
         language.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of)
 
-    config = LlavaStfConfig(
+    config_class, anyres = LlavaStfConfig, {}
+    if image_grid_pinpoints is not None:
+        config_class, anyres = LlavaStfNextConfig, {"image_grid_pinpoints": image_grid_pinpoints}
+    config = config_class(
         vision_config=vision.config.to_dict(),
         text_config=language.config.to_dict(),
         image_token_index=image_token_id,
@@ -89,6 +164,7 @@ def build_model(
         projector_kwargs=projector_kwargs,
         vision_feature_layer=vision_feature_layer,
         tie_word_embeddings=bool(getattr(language.config, "tie_word_embeddings", False)),
+        **anyres,
     )
     if reducer_tokens is not None:
         if reducer_type is None or reducer_kwargs is not None:
@@ -96,11 +172,13 @@ def build_model(
         reducer_kwargs = budget_kwargs(reducer_type, reducer_tokens, config.reducer_shapes())
         logger.info("reducer %s @ %d tokens: %s", reducer_type, reducer_tokens, reducer_kwargs)
     config = config.with_reducer(reducer_type, reducer_kwargs) if reducer_type is not None else config
+    image_processor = CLIPImageProcessorPil.from_pretrained(vision_tower)
+    processor = build_processor(config, image_processor, tokenizer, image_aspect_ratio)
     # Build the shell on the meta device, then move the loaded towers in: nothing 7B-sized is allocated twice.
     # set_zero3_state: under DeepSpeed ZeRO-3, keep transformers from wrapping the shell's sub-models in zero.Init
     # (it cannot partition meta tensors); the towers loaded above are partitioned already, the projector later.
     with torch.device("meta"), set_zero3_state():
-        model = LlavaStfForConditionalGeneration(config)
+        model = generation_class(config)(config)
     model.model.vision_tower = vision
     # An in-LLM reducer (FastV) turns the loaded decoder into its TokenDropLlamaModel (same modules and weights).
     model.model.language_model = install_llm_reducer(language.get_decoder(), model.model.reducer)
@@ -108,17 +186,15 @@ def build_model(
     projector = build_projector(config).to(dtype=load_kwargs["dtype"])
     projector.reset_parameters()
     model.model.multi_modal_projector = projector
+    if config.anyres:  # LLaVA-NeXT's row separator, initialised as transformers does: normal, std 1/sqrt(D)
+        width = config.text_config.hidden_size
+        newline = torch.randn(width, dtype=load_kwargs["dtype"]) / math.sqrt(width)
+        model.model.image_newline = nn.Parameter(newline)
     model.generation_config = language.generation_config
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if config.tie_word_embeddings:
         model.tie_weights()
 
-    processor = LlavaStfProcessor(
-        image_processor=CLIPImageProcessorPil.from_pretrained(vision_tower),
-        tokenizer=tokenizer,
-        num_image_tokens=config.num_image_tokens,
-        image_aspect_ratio=image_aspect_ratio,
-    )
     n_proj = sum(p.numel() for p in projector.parameters())
     logger.info(
         "built %s: vision %s, llm %s, projector %s (%d params, %d image tokens)",

@@ -1,13 +1,15 @@
 """Checkpoint conversion as data: key-rename tables and weight transforms over state dicts (pure, no file I/O).
 
-Sources: ``llava`` (original LLaVA-1.5 ``LlavaLlamaForCausalLM``), ``llava-stf-official`` (the official LLaVA-STF
-release, visresearch/LLaVA-STF: same layout plus ``mm_projector_crosslayer``, with ``mm_projector`` redefined as the STF
-MLP) and ``llava-hf`` (transformers' ``LlavaForConditionalGeneration``, old and new layouts). Each source is a list of
-:class:`Rename` rows (regex on the source key -> our key, optional tensor transform); derived buffers are dropped by
-pattern. Every conversion is checked against the target model's shapes, and unknown keys, missing keys and shape
-mismatches raise one :class:`ConversionError` that lists them all, so nothing is ever left at random init.
-``export_llava_hf`` goes the other way for ``mlp2x_gelu`` models. The config side is ``conversion_config``; file I/O and
-the CLI live in ``llava_stf.convert``.
+Sources: ``llava`` (original LLaVA-1.5 ``LlavaLlamaForCausalLM``), ``llava-next`` (the original LLaVA-NeXT / 1.6
+release of haotian-liu/LLaVA: the same layout plus ``model.image_newline``, AnyRes), ``llava-stf-official`` (the
+official LLaVA-STF release, visresearch/LLaVA-STF: same layout plus ``mm_projector_crosslayer``, with ``mm_projector``
+redefined as the STF MLP) and ``llava-hf`` (transformers' ``LlavaForConditionalGeneration``, old and new layouts). Each
+source is a list of :class:`Rename` rows (regex on the source key -> our key, optional tensor transform); derived
+buffers are dropped by pattern. Every conversion is checked against the target model's shapes (the AnyRes class for an
+AnyRes config), and unknown keys, missing keys and shape mismatches raise one :class:`ConversionError` that lists them
+all, so nothing is ever left at random init. ``export_llava_hf`` goes the other way for ``mlp2x_gelu`` models, to
+transformers' ``LlavaForConditionalGeneration`` or, for AnyRes, ``LlavaNextForConditionalGeneration``
+(:data:`EXPORT_TARGETS`). The config side is ``conversion_config``; file I/O and the CLI live in ``llava_stf.convert``.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from .configuration_llava_stf import LlavaStfConfig
-from .modeling_llava_stf import LlavaStfForConditionalGeneration
+from .modeling_llava_stf_next import generation_class
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,8 @@ KEY_MAPS: dict[str, list[Rename]] = {
     + [Rename(r.pattern, "model.multi_modal_projector." + r.replacement, r.transform) for r in rows]
     for source, rows in PROJECTOR_RENAMES.items()
 }
+# LLaVA-NeXT (1.6) is LLaVA-1.5's layout plus the learned row separator of ``spatial_unpad`` (``[D]``).
+KEY_MAPS["llava-next"] = KEY_MAPS["llava"] + [Rename(r"^model\.image_newline", "model.image_newline")]
 KEY_MAPS["llava-hf"] = [
     Rename(r"^(model\.)?language_model\.lm_head\.", "lm_head.", pad_vocab),  # transformers < 4.52
     Rename(r"^lm_head\.", "lm_head.", pad_vocab),
@@ -104,14 +108,35 @@ KEY_MAPS["llava-hf"] = [
     Rename(r"^(model\.)?multi_modal_projector\.", "model.multi_modal_projector."),
 ]
 # Where a separately loaded CLIPVisionModel's keys go in a source layout (LLaVA's checkpoints often lack the tower).
-CLIP_PREFIX = {source: "model.vision_tower.vision_tower.vision_model." for source in PROJECTOR_RENAMES}
+CLIP_PREFIX = {source: "model.vision_tower.vision_tower.vision_model." for source in (*PROJECTOR_RENAMES, "llava-next")}
 # Ours (mlp2x_gelu) -> transformers' LlavaForConditionalGeneration: the same names, listed so nothing extra slips.
 EXPORT_RENAMES = [
     Rename(r"^(model\.(vision_tower|language_model|multi_modal_projector\.linear_[12])\.|lm_head\.)", r"\1")
 ]
+NEXT_EXPORT_RENAMES = EXPORT_RENAMES + [Rename(r"^model\.image_newline$", "model.image_newline")]
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    """transformers' own classes that one family of our models exports to (``--to llava-hf``)."""
+
+    config_class: type[LlavaConfig] | type[LlavaNextConfig]
+    model_class: type[LlavaForConditionalGeneration] | type[LlavaNextForConditionalGeneration]
+    renames: list[Rename]  # our keys -> theirs
+    fields: tuple[str, ...] = ()  # our config attributes the target config takes as they are, beyond LLaVA-1.5's
+
+
+# Keyed by ``config.anyres``: LLaVA-1.5 models -> transformers' LLaVA, AnyRes ones -> transformers' LLaVA-NeXT.
+EXPORT_TARGETS = {
+    False: ExportTarget(LlavaConfig, LlavaForConditionalGeneration, EXPORT_RENAMES),
+    True: ExportTarget(
+        LlavaNextConfig, LlavaNextForConditionalGeneration, NEXT_EXPORT_RENAMES, ("image_grid_pinpoints",)
+    ),
+}
 # Keys that give a checkpoint's origin away, most specific first, for the "check --from" hint.
 SOURCE_HINTS = (
     (r"mm_projector_crosslayer", "llava-stf-official"),
+    (r"^model\.image_newline$", "llava-next"),
     (r"^model\.vision_tower\.vision_tower\.|^model\.layers\.", "llava"),
     (r"^(language_model|multi_modal_projector|vision_tower)\.", "llava-hf"),
 )
@@ -185,15 +210,19 @@ def apply_renames(
         if mismatched:
             parts.append(_listing("shape mismatches", mismatched))
         guess = next((src for pat, src in SOURCE_HINTS if any(re.search(pat, k) for k in state_dict)), source)
-        if guess != source:
+        # No hint when this key map extends the guessed one (LLaVA-NeXT's extends LLaVA's): keys are just missing.
+        if guess != source and not set(KEY_MAPS.get(guess, [])) <= set(renames):
             parts.append(f"  hint: these keys look like a '{guess}' checkpoint; check --from")
         raise ConversionError("\n".join(parts))
     return {k: out[k] for k in expected}
 
 
-def expected_shapes(config: LlavaStfConfig | LlavaConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: LlavaStfConfig | LlavaConfig | LlavaNextConfig) -> dict[str, tuple[int, ...]]:
     """``{key: shape}`` of the model ``config`` builds (on the meta device: no memory, no init)."""
-    cls = LlavaStfForConditionalGeneration if isinstance(config, LlavaStfConfig) else LlavaForConditionalGeneration
+    if isinstance(config, LlavaStfConfig):  # ours (a LlavaConfig subclass): the AnyRes class for an AnyRes config
+        cls = generation_class(config)
+    else:
+        cls = next(t.model_class for t in EXPORT_TARGETS.values() if type(config) is t.config_class)
     with torch.device("meta"):
         model = cls(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -210,7 +239,7 @@ def convert_state_dict(
     config: LlavaStfConfig,
     vision_state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> StateDict:
-    """A source checkpoint's tensors -> our ``LlavaStfForConditionalGeneration`` state dict for ``config``.
+    """A source checkpoint's tensors -> the state dict of ``generation_class(config)`` (1.5 or AnyRes).
 
     Args:
         source: one of :data:`SOURCES`.
@@ -268,19 +297,23 @@ def _projector_shapes_from_file(state_dict: Mapping[str, torch.Tensor], renames:
     return shapes
 
 
-def export_llava_hf(config: LlavaStfConfig, state_dict: Mapping[str, torch.Tensor]) -> tuple[LlavaConfig, StateDict]:
-    """Our ``mlp2x_gelu`` model -> transformers' ``LlavaConfig`` and ``LlavaForConditionalGeneration`` tensors.
+def export_llava_hf(
+    config: LlavaStfConfig, state_dict: Mapping[str, torch.Tensor]
+) -> tuple[LlavaConfig | LlavaNextConfig, StateDict]:
+    """Our ``mlp2x_gelu`` model -> transformers' config and tensors: ``LlavaConfig`` / ``LlavaForConditionalGeneration``
+    for a LLaVA-1.5 model, ``LlavaNextConfig`` / ``LlavaNextForConditionalGeneration`` for an AnyRes one.
 
     Raises:
-        ConversionError: for any other projector type (transformers' LLaVA has only the LLaVA-1.5 MLP).
+        ConversionError: for any other projector type (transformers' LLaVA and LLaVA-NeXT have only the LLaVA-1.5 MLP).
     """
+    target = EXPORT_TARGETS[config.anyres]
     if config.projector_type != "mlp2x_gelu":
         raise ConversionError(
             f"cannot export projector_type '{config.projector_type}' to llava-hf: transformers' "
-            "LlavaForConditionalGeneration only has the LLaVA-1.5 projector ('mlp2x_gelu'); keep this model in the "
+            f"{target.model_class.__name__} only has the LLaVA-1.5 projector ('mlp2x_gelu'); keep this model in the "
             "llava_stf format (it loads with `import llava_stf` + AutoModelForImageTextToText)"
         )
-    hf_config = LlavaConfig(
+    hf_config = target.config_class(
         vision_config=config.vision_config.to_dict(),
         text_config=config.text_config.to_dict(),
         image_token_index=config.image_token_index,
@@ -290,18 +323,22 @@ def export_llava_hf(config: LlavaStfConfig, state_dict: Mapping[str, torch.Tenso
         image_seq_length=config.num_image_tokens,
         multimodal_projector_bias=config.multimodal_projector_bias,
         tie_word_embeddings=config.tie_word_embeddings,
+        **{name: getattr(config, name) for name in target.fields},
     )
-    return hf_config, apply_renames("llava_stf", state_dict, EXPORT_RENAMES, expected_shapes(hf_config))
+    return hf_config, apply_renames("llava_stf", state_dict, target.renames, expected_shapes(hf_config))
 
 
 __all__ = [
     "DROPPED_KEYS",
     "EXPORT_RENAMES",
+    "EXPORT_TARGETS",
     "KEY_MAPS",
+    "NEXT_EXPORT_RENAMES",
     "PROJECTOR_RENAMES",
     "SOURCES",
     "CLIP_PREFIX",
     "ConversionError",
+    "ExportTarget",
     "Rename",
     "apply_renames",
     "convert_projector_state_dict",

@@ -4,11 +4,16 @@ Original LLaVA-1.5 and the official LLaVA-STF release save a ``LlavaLlamaConfig`
 fields (``mm_vision_tower``, ``mm_vision_select_layer``, ``mm_hidden_size``, ...) and no vision config, which comes
 from the CLIP checkpoint instead. The release's ``config.json`` does not identify STF (it says ``mm_projector_type:
 mlp2x_gelu``), so the caller's source choice decides, and the converted config records ``projector_type: mbtf_stf``
-with the release's hidden-state indices written out. Pure functions over dicts; no file I/O.
+with the release's hidden-state indices written out. The original LLaVA-NeXT (1.6) release adds ``image_aspect_ratio:
+anyres``, ``mm_patch_merge_type: spatial_unpad`` and ``image_grid_pinpoints`` as ``[width, height]`` pairs
+(haotian-liu/LLaVA ``llava/mm_utils.py``); it becomes a ``LlavaStfNextConfig`` with the pairs as transformers' and
+ours read them, ``[height, width]``. Which fields each source may hold is a table (:data:`SOURCE_FIELDS`). Pure
+functions over dicts; no file I/O.
 """
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -17,6 +22,7 @@ from typing import Any
 from transformers import GenerationConfig
 
 from .configuration_llava_stf import LlavaStfConfig
+from .configuration_llava_stf_next import LlavaStfNextConfig
 from .conversion import ConversionError
 
 logger = logging.getLogger(__name__)
@@ -39,6 +45,21 @@ SUPPORTED_FIELDS: dict[str, tuple] = {
     "mm_vision_select_feature": (None, "patch", "cls_patch"),
     "image_aspect_ratio": (None, "square", "pad"),
 }
+# LLaVA-NeXT 1.6: AnyRes tiles, each row of the unpadded tile grid closed by image_newline (spatial_unpad). Not
+# reproduced: "flat" / "spatial" merges (no unpadding, no newlines), the later LLaVA-NeXT repository's "anyres_max_N"
+# and grid-range pinpoints ("(1x1),...,(3x3)"), and CLS tokens (AnyRes re-assembles patch grids).
+NEXT_SUPPORTED_FIELDS: dict[str, tuple] = dict(
+    SUPPORTED_FIELDS,
+    mm_patch_merge_type=("spatial_unpad",),
+    mm_vision_select_feature=(None, "patch"),
+    image_aspect_ratio=("anyres",),
+)
+SOURCE_FIELDS: dict[str, dict[str, tuple]] = {
+    "llava": SUPPORTED_FIELDS,
+    "llava-stf-official": SUPPORTED_FIELDS,
+    "llava-next": NEXT_SUPPORTED_FIELDS,
+}
+ANYRES_SOURCES = ("llava-next",)  # sources whose config.json is AnyRes (image_aspect_ratio "anyres")
 SELECT_STRATEGY = {None: "default", "patch": "default", "cls_patch": "full"}  # mm_vision_select_feature -> ours
 # LLaVA-only fields of a LlavaLlamaConfig (everything else is the Llama text config).
 LLAVA_ONLY_FIELD = re.compile(
@@ -53,8 +74,15 @@ DECODING_FIELDS = (
 KEPT_GENERATION_FIELDS = ("bos_token_id", "eos_token_id", "max_length")
 
 
-def check_fields(source: str, src_config: Mapping[str, Any], supported: Mapping[str, tuple] = SUPPORTED_FIELDS) -> None:
-    """Raise naming every ``config.json`` field whose value the conversion cannot reproduce."""
+def check_fields(source: str, src_config: Mapping[str, Any], supported: Mapping[str, tuple] | None = None) -> None:
+    """Raise naming every ``config.json`` field whose value the conversion cannot reproduce.
+
+    Args:
+        source: the ``--from`` source; its row of :data:`SOURCE_FIELDS` is the default ``supported`` table.
+        src_config: the source ``config.json``.
+        supported: ``{field: accepted values}`` (``None`` in the values: the field may be absent).
+    """
+    supported = SOURCE_FIELDS[source] if supported is None else supported
     bad = [
         f"{name}={src_config.get(name)!r} (supported: {list(values)})"
         for name, values in supported.items()
@@ -62,8 +90,53 @@ def check_fields(source: str, src_config: Mapping[str, Any], supported: Mapping[
     ]
     if "text_config" in src_config:
         bad.append("text_config (a llava-hf config.json; use --from llava-hf)")
+    anyres = src_config.get("image_aspect_ratio") == "anyres"
+    if bad and anyres and source not in ANYRES_SOURCES:
+        bad.append(f"an AnyRes (LLaVA-NeXT) config: use --from {ANYRES_SOURCES[0]}")
+    elif bad and source in ANYRES_SOURCES and src_config.get("image_aspect_ratio") in (None, "square", "pad"):
+        bad.append("a LLaVA-1.5-style config (no AnyRes): use --from llava or --from llava-stf-official")
     if bad:
         raise ConversionError(f"--from {source}: unsupported config.json field(s): " + "; ".join(bad))
+    if source in ANYRES_SOURCES:
+        source_pinpoints(src_config)  # a form it cannot read fails here, before any weights are loaded
+
+
+def source_pinpoints(src_config: Mapping[str, Any]) -> list[list[int]]:
+    """The original release's ``image_grid_pinpoints`` (``[width, height]`` pairs) as ``[height, width]`` pairs.
+
+    haotian-liu/LLaVA reads each pinpoint as ``(width, height)`` (``select_best_resolution`` in ``llava/mm_utils.py``)
+    and accepts a list or its Python literal as a string; transformers' LLaVA-NeXT and ours read ``[height, width]``.
+    Swapping each pair keeps the choice of resolution, ties included, for every image.
+
+    Raises:
+        ConversionError: the field is missing, or in a form other than a list of positive integer pairs (e.g. the
+            later LLaVA-NeXT repository's grid range ``"(1x1),...,(3x3)"``).
+    """
+    value = src_config.get("image_grid_pinpoints")
+    pairs: object = value
+    if isinstance(value, str):
+        if re.search(r"\(\s*\d+\s*x\s*\d+\s*\)", value):
+            raise ConversionError(
+                f"image_grid_pinpoints={value!r} is a grid range (the later LLaVA-NeXT repository's form), which "
+                "--from llava-next does not convert; it reads a list of [width, height] pairs (LLaVA-NeXT 1.6)"
+            )
+        try:
+            pairs = ast.literal_eval(value)  # literals only: never code
+        except (ValueError, SyntaxError):
+            pairs = None
+    valid = (
+        isinstance(pairs, (list, tuple))
+        and len(pairs) > 0
+        and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p) for p in pairs
+        )
+    )
+    if not valid:
+        raise ConversionError(
+            f"image_grid_pinpoints={value!r} is not a list of [width, height] pairs of positive integers "
+            "(LLaVA-NeXT 1.6 writes e.g. [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])"
+        )
+    return [[int(height), int(width)] for width, height in pairs]
 
 
 def padded_vocab_size(num_tokens: int, source_rows: int, multiple: int = 64) -> int:
@@ -131,6 +204,9 @@ def build_config(
         pad_token_id: the tokenizer's pad id (``<unk>`` for LLaVA).
         vision_feature_layer: explicit hidden-state indices (official release on a non-24-block tower).
 
+    Returns:
+        A ``LlavaStfConfig``, or for ``llava-next`` a ``LlavaStfNextConfig`` (AnyRes, ``mlp2x_gelu``).
+
     Raises:
         ConversionError: a field the conversion cannot reproduce, naming it.
     """
@@ -152,7 +228,18 @@ def build_config(
             f"config mm_hidden_size {src_config['mm_hidden_size']} != vision tower hidden_size "
             f"{vision_config['hidden_size']}: wrong --vision-tower?"
         )
-    if source == "llava":
+    config_class, anyres = LlavaStfConfig, {}
+    if source in ANYRES_SOURCES:
+        pinpoints = source_pinpoints(src_config)
+        crop = int(vision_config["image_size"])
+        bad = [p for p in pinpoints if p[0] % crop or p[1] % crop]
+        if bad:
+            raise ConversionError(
+                f"image_grid_pinpoints {bad} ([height, width]) are not multiples of the vision tower's "
+                f"image_size {crop}: wrong --vision-tower?"
+            )
+        config_class, anyres = LlavaStfNextConfig, {"image_grid_pinpoints": pinpoints}
+    if source in ("llava", *ANYRES_SOURCES):
         if vision_feature_layer is not None:
             raise ConversionError("--vision-feature-layer is for --from llava-stf-official; LLaVA reads one layer")
         projector = dict(projector_type="mlp2x_gelu", vision_feature_layer=src_config.get("mm_vision_select_layer", -2))
@@ -161,7 +248,7 @@ def build_config(
         layers = official_vision_layers(src_config, depth, vision_feature_layer)
         projector = dict(projector_type="mbtf_stf", projector_kwargs=OFFICIAL_PROJECTOR_KWARGS)
         projector["vision_feature_layer"] = layers
-    return LlavaStfConfig(
+    return config_class(
         vision_config=dict(vision_config),
         text_config=text_config_from_llava(src_config, vocab_size, pad_token_id),
         image_token_index=image_token_id,
@@ -170,12 +257,15 @@ def build_config(
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(src_config.get("tie_word_embeddings", False)),
         **projector,
+        **anyres,
     )
 
 
 def image_aspect_ratio(src_config: Mapping[str, Any]) -> str:
-    """Processor image mode: LLaVA pads to square only when ``image_aspect_ratio == "pad"``."""
-    return "pad" if src_config.get("image_aspect_ratio") == "pad" else "square"
+    """Processor image mode: LLaVA pads to square only when ``image_aspect_ratio == "pad"``; LLaVA-NeXT tiles
+    (``"anyres"``); anything else is a plain resize and centre crop (``"square"``)."""
+    value = src_config.get("image_aspect_ratio")
+    return value if value in ("pad", "anyres") else "square"
 
 
 def greedy_generation_config(
@@ -203,8 +293,11 @@ def greedy_generation_config(
 
 
 __all__ = [
+    "ANYRES_SOURCES",
+    "NEXT_SUPPORTED_FIELDS",
     "OFFICIAL_LOWER_LAYERS",
     "OFFICIAL_PROJECTOR_KWARGS",
+    "SOURCE_FIELDS",
     "SUPPORTED_FIELDS",
     "build_config",
     "check_fields",
@@ -212,5 +305,6 @@ __all__ = [
     "image_aspect_ratio",
     "official_vision_layers",
     "padded_vocab_size",
+    "source_pinpoints",
     "text_config_from_llava",
 ]
