@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .model import LlavaStfConfig, LlavaStfForConditionalGeneration, LlavaStfProcessor
+from .model import LlavaStfConfig, LlavaStfForConditionalGeneration, LlavaStfProcessor, generation_class
 from .model.reducers import REDUCERS, TokenDropLlamaModel, budget_kwargs, build_reducer, get_reducer_class
 
 NONE = "none"  # the --reducer value that removes a reducer
@@ -33,7 +33,12 @@ NONE = "none"  # the --reducer value that removes a reducer
 
 @dataclass(frozen=True)
 class ResolvedReducer:
-    """A reducer choice checked against one checkpoint."""
+    """A reducer choice checked against one checkpoint.
+
+    On AnyRes checkpoints (``config.anyres``) a budget ``--tokens N`` is per crop (one crop = one 1.5 image): a
+    vision-side reducer leaves N tokens in every crop; an in-LLM one keeps the fraction ``N / crop tokens`` of each
+    image's tokens (see ``LlavaStfNextConfig``), so ``fastv@64`` keeps the same share on 1.5 and NeXT.
+    """
 
     type: str | None  # REDUCERS name, None: no reducer
     kwargs: dict[str, Any]  # its validated settings (defaults filled in)
@@ -56,12 +61,13 @@ class ResolvedReducer:
 
     def describe(self) -> str:
         """One line: ``visionzip @ 64 tokens: dominant=54 contextual=10`` (image tokens entering the LLM after)."""
+        unit = "crop" if self.config.anyres else "image"  # AnyRes: counts are per crop (base image and tiles)
         if self.type is None:
-            return f"no reducer: {self.config.num_image_tokens} image tokens"
+            return f"no reducer: {self.config.num_image_tokens} image tokens" + " per crop" * self.config.anyres
         budget = f" @ {self.tokens} tokens" if self.tokens is not None else ""
         settings = " ".join(f"{k}={_short(v)}" for k, v in self.kwargs.items()) or "no settings"
         adaptive = " (adaptive count)" if self.config.adaptive_image_tokens else ""
-        return f"{self.type}{budget}: {settings}; {self.config.num_image_tokens} image tokens per image{adaptive}"
+        return f"{self.type}{budget}: {settings}; {self.config.num_image_tokens} image tokens per {unit}{adaptive}"
 
     def record(self) -> dict[str, Any]:
         """What decides the answers (compared by the provenance): the reducer and its settings."""
@@ -143,11 +149,13 @@ def choice_from_args(args: argparse.Namespace) -> ReducerChoice | None:
 
 
 def share_weights(variant: LlavaStfForConditionalGeneration, source: LlavaStfForConditionalGeneration) -> None:
-    """Give ``variant`` (built on the meta device) ``source``'s vision tower, projector and LM head modules and its
-    language model's tensors: the same tensors, not copies, in ``variant``'s own decoder-layer modules (so an in-LLM
-    reducer's hooks stay its own)."""
+    """Give ``variant`` (built on the meta device) ``source``'s vision tower, projector and LM head modules (and
+    AnyRes' ``image_newline``) and its language model's tensors: the same tensors, not copies, in ``variant``'s own
+    decoder-layer modules (so an in-LLM reducer's hooks stay its own)."""
     inner, base = variant.model, source.model
     inner.vision_tower, inner.multi_modal_projector = base.vision_tower, base.multi_modal_projector
+    if getattr(base, "image_newline", None) is not None:
+        inner.image_newline = base.image_newline
     variant.config.vision_config = source.config.vision_config  # the shared tower's own config object
     variant.lm_head = source.lm_head
     inner.language_model.load_state_dict(base.language_model.state_dict(), assign=True)
@@ -159,8 +167,9 @@ def reducer_variant(
 ) -> tuple[LlavaStfForConditionalGeneration, LlavaStfProcessor]:
     """``model`` with ``config``'s reducer, sharing all of ``model``'s weights; a processor with its token count.
 
-    The new model is built on the meta device and takes ``model``'s vision tower, projector and LM head modules and
-    its language model's tensors (its own decoder-layer modules, so an in-LLM reducer's hooks stay its own).
+    The new model (``generation_class(config)``: 1.5 or AnyRes) is built on the meta device and takes ``model``'s
+    vision tower, projector and LM head modules and its language model's tensors (its own decoder-layer modules, so
+    an in-LLM reducer's hooks stay its own). An AnyRes processor gets ``config.reduced_crop_tokens``.
 
     Raises:
         ValueError: If the reducer holds tensors that cannot be built this way.
@@ -169,7 +178,7 @@ def reducer_variant(
     if same:
         return model, processor
     with torch.device("meta"):
-        variant = LlavaStfForConditionalGeneration(config)
+        variant = generation_class(config)(config)
     share_weights(variant, model)
     inner = variant.model
     reducer = build_reducer(config.reducer_type, config.reducer_kwargs, config.reducer_shapes())
@@ -180,6 +189,8 @@ def reducer_variant(
     meta = [n for n, t in (*variant.named_parameters(), *variant.named_buffers()) if t.is_meta]
     if meta:
         raise ValueError(f"reducer_type '{config.reducer_type}' holds tensors that cannot be shared: {meta[:3]}")
+    if config.anyres:
+        return variant.eval(), processor.with_reduced_crops(config.reduced_crop_tokens)
     out = copy.copy(processor)
     out.num_image_tokens = config.num_image_tokens
     return variant.eval(), out

@@ -20,6 +20,8 @@ projector, a budget above the checkpoint's image tokens) is skipped, counted and
 - **latency and KV cache**: measured on a fixed sample of the benchmark's own questions, round-robin over rows
   (``bench.compare_measure``).
 - ``--published``: each method's published LLaVA-1.5-7B score at the same budget (``bench.published``).
+- AnyRes (LLaVA-NeXT) checkpoints: ``--tokens`` budgets are per crop (``reducer_choice``); each image has its own
+  count, so a row's image tokens are the latency sample's measured mean.
 
 Writes ``compare.csv``, ``compare.md``, ``compare.png`` and ``compare.json`` into ``--out``
 (``bench.compare_report``). Ordinary mistakes (a missing checkpoint, an unknown reducer or benchmark, a bad budget)
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from ..errors import EXPECTED, UserError, add_debug_flag, run_main
 from ..eval.__main__ import LazyGenerator, evaluate, model_identity, options_of
@@ -46,7 +49,7 @@ from ..loading import DTYPES, check_checkpoint
 from ..model import LlavaStfConfig
 from ..model.reducers import REDUCERS, ReducerConfigError, get_reducer_class
 from ..reducer_choice import NONE, ReducerChoice, ResolvedReducer, reducer_variant
-from .compare_measure import Prefill, flops, latency_sample, measure_prefill, text_tokens
+from .compare_measure import Prefill, flops, latency_sample, layer_average_tokens, measure_prefill, text_tokens
 from .compare_report import Row, Skip, label, write_all
 from .published import comparable_score, published_score
 
@@ -80,7 +83,9 @@ def plan(checkpoints: list[Path], reducers: list[str], budgets: list[int]) -> tu
     """Every (checkpoint, reducer, budget) that resolves, and the ones that cannot run with their reasons."""
     rows, skips, names = [], [], checkpoint_names(checkpoints)
     for path in checkpoints:
-        config = LlavaStfConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)  # the checkpoint's own class: 1.5 or AnyRes (NeXT)
+        if not isinstance(config, LlavaStfConfig):
+            raise UserError(f"{path} is not a llava_stf checkpoint (config model_type {config.model_type!r})")
         for name in reducers:
             fixed = name == NONE or get_reducer_class(name).adaptive
             for budget in [None] if fixed else budgets:
@@ -153,6 +158,12 @@ def add_costs(row: Row, p: Planned, measured: Prefill | None) -> None:
     row.paper_tflops, row.prefill_tflops = f.paper / 1e12, f.prefill / 1e12
     if measured is not None:
         row.prefill_ms, row.llm_ms, row.kv_mb = measured.prefill_ms, measured.llm_ms, measured.kv_bytes / 2**20
+    if p.resolved.config.anyres:  # each image its own count: the latency sample's, measured
+        if measured is not None:
+            row.image_tokens = measured.image_tokens
+            row.equivalent_tokens = layer_average_tokens(p.resolved.config, measured.counts)
+        row.notes.append("AnyRes: FLOPs are for one crop (llava_stf.flops takes no image size yet); image tokens "
+                         "are the latency sample's mean")  # fmt: skip
     if p.budget is not None and f.equivalent_tokens >= p.resolved.config.reducer_shapes().projector_tokens:
         layers = p.resolved.config.reducer_shapes().num_text_layers
         row.notes.append(

@@ -24,6 +24,7 @@ from ..eval.engine import Sample, open_image
 from ..flops import count_flops
 from ..generation import Generator, Request
 from ..model import LlavaStfConfig
+from ..model.reducers import get_reducer_class, layer_average
 from .timing import Clock, prefill
 
 
@@ -86,13 +87,14 @@ def measure_prefill(generators: Sequence[Generator], samples: Sequence[Sample], 
     if not samples or not generators:
         return [None] * len(generators)
     images = [open_image(s.image) for s in samples]
-    inputs = []  # [row][sample] -> (input_ids [1, T], pixel_values [1, 3, H, W], image tokens)
+    inputs = []  # [row][sample] -> (input_ids [1, T], image inputs (pixel_values, AnyRes: image_sizes), image tokens)
     for gen in generators:
         dtype = next(gen.model.parameters()).dtype
         row = []
         for s, image in zip(samples, images):
             encoded = gen.encode([Request.single(s.text, image)])
-            pixels = gen.processor.preprocess_images([image]).to(gen.device, dtype)
+            pixels = {k: v.to(gen.device) for k, v in gen.processor.image_inputs([image]).items()}
+            pixels["pixel_values"] = pixels["pixel_values"].to(dtype)
             count = len(encoded["mm_encoder_outputs"]["image"].pooler_output[0])
             row.append((encoded["input_ids"], pixels, count))
         inputs.append(row)
@@ -103,7 +105,7 @@ def measure_prefill(generators: Sequence[Generator], samples: Sequence[Sample], 
         for i in range(len(samples)):
             for r, gen in enumerate(generators):
                 ids, pixels, _ = inputs[r][i]
-                parts, out, _ = prefill(gen.model, ids, pixels, clock)
+                parts, out, _ = prefill(gen.model, ids, pixels["pixel_values"], clock, pixels.get("image_sizes"))
                 if repeat:
                     times[r].append((parts["prefill"], parts["llm"]))
                 if repeat == 1:
@@ -119,6 +121,16 @@ def measure_prefill(generators: Sequence[Generator], samples: Sequence[Sample], 
         )
         for row_times, row_kv, row_inputs in zip(times, kv, inputs)
     ]
+
+
+def layer_average_tokens(config: LlavaStfConfig, counts: Sequence[int]) -> float:
+    """Image tokens averaged over the LLM's layers, mean over images entering the LLM with ``counts`` tokens (an
+    in-LLM reducer's schedule for each image's own count; AnyRes images differ)."""
+    depth, reducer = config.text_config.num_hidden_layers, config.reducer_type
+    if reducer is None:
+        return statistics.fmean(counts)
+    cls, params, shapes = get_reducer_class(reducer), config.reducer_params(), config.reducer_shapes()
+    return statistics.fmean(layer_average(cls.llm_schedule(params, shapes, n), depth) for n in counts)
 
 
 def flops(config: LlavaStfConfig, text: float, counts: Sequence[int] | None = None) -> Flops:
@@ -142,4 +154,13 @@ def flops(config: LlavaStfConfig, text: float, counts: Sequence[int] | None = No
     )
 
 
-__all__ = ["Flops", "Prefill", "flops", "kv_cache_bytes", "latency_sample", "measure_prefill", "text_tokens"]
+__all__ = [
+    "Flops",
+    "Prefill",
+    "flops",
+    "kv_cache_bytes",
+    "latency_sample",
+    "layer_average_tokens",
+    "measure_prefill",
+    "text_tokens",
+]

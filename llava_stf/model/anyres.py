@@ -84,12 +84,25 @@ def image_token_count(
     return grid.tokens + rows * cols * grid.cell + (rows if newline else 0)
 
 
+def reduced_image_token_count(
+    height: int, width: int, pinpoints: list[list[int]], crop_size: int, crop_tokens: int
+) -> int:
+    """LLM tokens for one ``height x width`` image when a vision-side reducer leaves ``crop_tokens`` per crop.
+
+    The reduced tokens of a crop are no longer a grid, so nothing is unpadded and no ``image_newline`` is added
+    (as VisionZip's LLaVA-NeXT path, dvlab-research/VisionZip ``visionzip/llava_arch.py``, does for tiled images):
+    every crop, the base image included, contributes exactly ``crop_tokens``.
+    """
+    return num_crops(height, width, pinpoints, crop_size) * crop_tokens
+
+
 __all__ = [
     "DEFAULT_PINPOINTS",
     "CropGrid",
     "check_pinpoints",
     "image_token_count",
     "num_crops",
+    "reduced_image_token_count",
     "tile_layout",
     "unpadded_grid",
 ]

@@ -4,7 +4,9 @@ A thin subclass, as transformers' own multimodal models subclass each other: the
 ``get_image_features``, the image/text merge, generation and the KV cache are transformers' ``LlavaNext`` ones. The
 projector runs per crop (base image + tiles, ``[n_crops, N, C] -> [n_crops, M, D]``). Overridden hooks:
 
-- construction: projector from the registry, optional in-LLM reducer (as :class:`LlavaStfModel`);
+- construction: projector from the registry, optional token reducer (as :class:`LlavaStfModel`);
+- ``get_image_features``: with a vision-side reducer (VisionZip, ...) each crop is reduced to the reducer's count
+  and an image's crops are concatenated (no unpadding, no newlines); otherwise transformers' own;
 - ``pack_image_features``: re-assembles the tiles on the *projector's* output grid (``config.crop_grid``: 24x24 for
   ``mlp2x_gelu``, 12x12 for ``mbtf_stf``), unpads it with transformers' ``unpad_image`` and closes each row with
   ``image_newline``; for ``mlp2x_gelu`` this is exactly transformers' packing, so llava-hf ``llava-v1.6`` checkpoints
@@ -57,6 +59,64 @@ class LlavaStfNextModel(StfModelHooks, LlavaStfNextPreTrainedModel, LlavaNextMod
         self.reducer = build_reducer(config.reducer_type, config.reducer_kwargs, config.reducer_shapes())
         self.language_model = install_llm_reducer(AutoModel.from_config(config.text_config), self.reducer)
         self.post_init()
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ):
+        """transformers' ``LlavaNextModel.get_image_features``; with a vision-side reducer, each crop reduced.
+
+        With a vision-side reducer (VisionZip, FasterVLM, ...) the tower runs once on every crop of every image, the
+        reducer leaves ``config.num_image_tokens`` tokens per crop (each crop on its own), the projector maps them
+        and each image's crops are concatenated, base image first, then the tiles row-major. Reduced tokens are no
+        longer a grid, so nothing is unpadded and no ``image_newline`` is added, as in VisionZip's LLaVA-NeXT path
+        (dvlab-research/VisionZip ``visionzip/llava_arch.py``; there the tiles' kept patches are further ordered on
+        the re-assembled grid, here each crop keeps its reducer's order). ``config.image_token_count`` gives the count.
+
+        Args:
+            pixel_values: ``[n_images, max_crops, 3, H, W]`` (zero crops pad) or ``[sum of crops, 3, H, W]``.
+            image_sizes: ``[n_images, 2]`` original ``(height, width)``.
+            vision_feature_layer, vision_feature_select_strategy: as transformers'; with a vision-side reducer
+                only the config's own values (or ``None``).
+
+        Returns:
+            The tower's output with ``pooler_output``: one ``[tokens_i, D]`` per image.
+        """
+        if self.reducer is None or self.reducer.stage != "vision":
+            return super().get_image_features(
+                pixel_values,
+                image_sizes,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                **kwargs,
+            )
+        config = self.config
+        given = dict(
+            vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy
+        )
+        for name, value in given.items():
+            if value is not None and value != getattr(config, name):
+                raise ValueError(
+                    f"{name}={value!r} is not supported with reducer_type '{config.reducer_type}' (the config's "
+                    f"{getattr(config, name)!r} only)"
+                )
+        crops = [config.num_crops(*(int(v) for v in size)) for size in image_sizes.tolist()]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pixels[:n] for pixels, n in zip(pixel_values, crops)])
+        if pixel_values.shape[0] != sum(crops):
+            raise ValueError(
+                f"image_sizes give {sum(crops)} crops ({crops} per image), pixel_values {pixel_values.shape[0]}"
+            )
+        outputs, tokens, valid = self.reducer.reduce_tower(self.vision_tower, pixel_values, config.vision_layers)
+        if not bool(valid.all()):  # the config rejects adaptive reducers; a reducer that pads would land here
+            raise ValueError(f"reducer_type '{config.reducer_type}' left a different count per crop on AnyRes")
+        projected = self.multi_modal_projector(tokens.flatten(0, 1)[None])[0]  # per-token projector
+        outputs.pooler_output = list(projected.split([n * tokens.shape[1] for n in crops]))
+        return outputs
 
     def pack_image_features(self, image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
         """Each image's crops as one token sequence: base crop, then the unpadded tile grid row by row + newlines.

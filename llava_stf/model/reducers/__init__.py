@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import MacDims, Reducer, ReducerConfigError, ReducerParams, ReducerShapes, VisionReducer, check_budget
+from .base import (
+    MacDims,
+    Reducer,
+    ReducerConfigError,
+    ReducerParams,
+    ReducerShapes,
+    VisionReducer,
+    check_budget,
+    layer_average,
+)
 from .dart import DART, DARTParams
 from .divprune import DivPrune, DivPruneParams
 from .fastervlm import FasterVLM, FasterVLMParams
@@ -112,6 +121,7 @@ __all__ = [
     "get_reducer_class",
     "install_llm_reducer",
     "kept_image_tokens",
+    "layer_average",
     "prumerge_macs",
     "reducer_params",
 ]

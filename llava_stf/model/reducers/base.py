@@ -44,7 +44,7 @@ class ReducerShapes:
     vision_model_type: str  # vision_config.model_type ("clip_vision_model")
     drops_cls: bool  # vision_feature_select_strategy == "default": the projector gets patches only
     projector: str  # projector_type, for error messages
-    projector_tokens: int  # tokens the projector emits per image without a reducer
+    projector_tokens: int  # tokens the projector emits per image (AnyRes: per crop) without a reducer
     projector_per_patch: bool  # the projector maps each patch feature to one token (no spatial merge)
     text_model_type: str  # text_config.model_type ("llama")
     num_text_layers: int  # decoder layers of the language model
@@ -122,7 +122,7 @@ class Reducer(nn.Module):
 
     @classmethod
     def image_tokens(cls, params: ReducerParams, shapes: ReducerShapes) -> int:
-        """Image tokens per image that reach the LLM input (an upper bound when ``adaptive``)."""
+        """Image tokens per image (AnyRes: per crop) that reach the LLM input (an upper bound when ``adaptive``)."""
         return shapes.projector_tokens
 
     # ------------------------------------------------------------------------------------- budget and FLOPs
@@ -149,6 +149,13 @@ class Reducer(nn.Module):
     def own_macs(cls, params: ReducerParams, shapes: ReducerShapes, dims: MacDims) -> int:
         """Multiply-accumulates of the reducer's own work (scoring, merging) for one image and prompt."""
         return 0
+
+
+def layer_average(schedule: list[tuple[int, int]], depth: int) -> float:
+    """Image tokens of an ``llm_schedule`` averaged over the ``depth`` layers: ``sum_l n_l / L`` (the
+    "equivalent tokens" of the in-LLM reducers' tables)."""
+    bounds = [layer for layer, _ in schedule[1:]] + [depth]
+    return sum(count * (end - start) for (start, count), end in zip(schedule, bounds)) / depth
 
 
 def check_budget(reducer_type: str, tokens: Any, available: int) -> int:
@@ -190,6 +197,28 @@ class VisionReducer(Reducer):
         self, features: torch.Tensor, attn_input: torch.Tensor, block: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def reduce_tower(self, vision_tower: nn.Module, pixel_values: torch.Tensor, vision_layers: list[int]):
+        """Run a CLIP-style ``vision_tower`` on ``pixel_values`` ``[B, 3, H, W]`` and reduce each image (or crop).
+
+        Args:
+            vision_tower: the model's tower (``encoder.layers`` are its blocks; hidden states with CLS first).
+            pixel_values: ``[B, 3, H, W]`` images, or AnyRes crops, each reduced on its own.
+            vision_layers: hidden-state indices concatenated on channels (``config.vision_layers``).
+
+        Returns:
+            ``(outputs, tokens [B, M, C_in], valid [B, M])``: the tower's output (``hidden_states`` set) and this
+            reducer's ``forward`` result.
+        """
+        outputs = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        hidden = outputs.hidden_states
+        features = torch.cat([hidden[i][:, 1:] for i in vision_layers], dim=-1)
+        extra = {}
+        if self.needs_cls_features:  # VisionZip keeps the CLS token: its row of the same layers
+            extra["cls_features"] = torch.cat([hidden[i][:, 0] for i in vision_layers], dim=-1)
+        block = self.block_index(len(hidden) - 1)
+        tokens, valid = self(features, hidden[block], vision_tower.encoder.layers[block], **extra)
+        return outputs, tokens, valid
 
     @classmethod
     def check_model(cls, reducer_type: str, shapes: ReducerShapes) -> None:

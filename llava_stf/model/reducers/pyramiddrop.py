@@ -38,7 +38,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import MacDims, ReducerConfigError, ReducerParams, ReducerShapes, check_budget, check_fraction, check_int
+from .base import (
+    MacDims,
+    ReducerConfigError,
+    ReducerParams,
+    ReducerShapes,
+    check_budget,
+    check_fraction,
+    check_int,
+    layer_average,
+)
 from .fastv import fastv_score_macs, query_attention
 from .language_model import DropView, LLMReducer
 
@@ -152,9 +161,3 @@ def budget_layers(depth: int) -> list[int] | None:
     for fraction in BUDGET_STAGES:
         layers.append(max(int(fraction * depth + 0.5), layers[-1] + 1 if layers else 1))
     return layers if layers[-1] < depth else None
-
-
-def layer_average(schedule: list[tuple[int, int]], depth: int) -> float:
-    """Image tokens averaged over the ``depth`` layers: ``sum_l n_l / L`` (the budget PDrop tables use)."""
-    bounds = [layer for layer, _ in schedule[1:]] + [depth]
-    return sum(count * (end - start) for (start, count), end in zip(schedule, bounds)) / depth
