@@ -11,6 +11,11 @@ schedules alike; the layer-averaged "equivalent tokens" are reported) and their 
 adaptive count (PruMerge) is decided per image at run time, so a count must be assumed: by default the published
 average (32 of 576 tokens, PruMerge+: 144 of 576, plus the extra token), or ``--reducer-tokens``. FLOPs = 2 x
 multiply-accumulates throughout; softmax, norms, RoPE and lookups are ignored.
+
+AnyRes (LLaVA-NeXT) models are counted by the same code path with two numbers per image: its crops (tiles + base
+image, each through the vision tower and the projector) and its LLM tokens (``config.image_token_count(h, w)``,
+newlines included); a LLaVA-1.5 model resizes every image to one crop. ``image_kv_bytes`` is the KV cache one image's
+tokens occupy (bf16, by the reducer's per-layer schedule).
 The report on presets: ``python -m llava_stf.bench.flops``.
 """
 
@@ -55,6 +60,31 @@ def vision_macs(vision_config) -> int:
     return embed + vision_config.num_hidden_layers * per_layer
 
 
+def default_image_size(config: LlavaStfConfig) -> tuple[int, int]:
+    """``(height, width)`` counted when none is given: 2 x 2 crops for AnyRes (672x672 at 336-px crops), one crop
+    otherwise (a LLaVA-1.5 model resizes every image to it)."""
+    crop = int(config.vision_config.image_size)
+    return (2 * crop, 2 * crop) if config.anyres else (crop, crop)
+
+
+def image_geometry(config: LlavaStfConfig, height: int, width: int) -> tuple[int, int]:
+    """``(crops, LLM tokens)`` of one ``height x width`` image (AnyRes: tiles + base image, newlines counted)."""
+    crops = config.num_crops(height, width) if config.anyres else 1  # LLaVA-1.5 resizes the image to one crop
+    return crops, config.image_token_count(height, width)
+
+
+def token_layers(schedule: list[tuple[int, int]], layers: int) -> int:
+    """Sum over ``layers`` decoder layers of the tokens a schedule ``[(first_layer, tokens), ...]`` gives each."""
+    bounds = [layer for layer, _ in schedule[1:]] + [layers]
+    return sum(n * (end - start) for (start, n), end in zip(schedule, bounds))
+
+
+def kv_cache_bytes(schedule: list[tuple[int, int]], text_config, bytes_per_value: int = 2) -> int:
+    """Keys + values cached for a schedule's tokens (bf16: 2 bytes): ``2 x kv_heads x head_dim x bytes`` per token
+    and layer."""
+    return 2 * kv_width(text_config) * token_layers(schedule, text_config.num_hidden_layers) * bytes_per_value
+
+
 def module_macs(module: nn.Module, example: torch.Tensor) -> int:
     """MACs of ``module(example)``: every matmul, linear and convolution torch runs (meta device ok).
 
@@ -81,7 +111,9 @@ def projector_macs(config: LlavaStfConfig, tokens: int | None = None) -> int:
 class FlopsReport:
     """FLOPs (2 x MACs) of one image + ``text_tokens`` at prefill."""
 
-    image_tokens: int  # image tokens entering the LLM
+    image_size: tuple[int, int]  # (height, width) of the image in pixels (LLaVA-1.5 resizes it to one crop)
+    crops: int  # crops through the vision tower and the projector (AnyRes: tiles + base image; else 1)
+    image_tokens: int  # image tokens entering the LLM (AnyRes: newlines included)
     text_tokens: int
     equivalent_tokens: float  # image tokens averaged over the LLM layers (differs from image_tokens for FastV)
     paper: int  # LLM over the visual tokens only
@@ -90,6 +122,7 @@ class FlopsReport:
     reducer: int  # the reducer's own work (PruMerge's scoring and merge, FastV's ranking)
     llm: int  # LLM over visual + text tokens
     lm_head: int  # last position only
+    image_kv_bytes: int  # KV cache of the image's tokens, bf16, over the LLM layers that keep them
 
     @property
     def full(self) -> int:
@@ -108,10 +141,21 @@ def schedule_macs(schedule: list[tuple[int, int]], text_tokens: int, text_config
     return sum(llm_macs(n + text_tokens, text_config, end - start) for (start, n), end in zip(schedule, bounds))
 
 
-def count_flops(config: LlavaStfConfig, text_tokens: int = 0, reducer_tokens: int | None = None) -> FlopsReport:
-    """Prefill FLOPs; ``reducer_tokens`` is the adaptive (PruMerge) count to assume (``None``: published average)."""
+def count_flops(
+    config: LlavaStfConfig,
+    text_tokens: int = 0,
+    reducer_tokens: int | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> FlopsReport:
+    """Prefill FLOPs of one ``image_size`` image (``(height, width)``, default :func:`default_image_size`) and
+    ``text_tokens``; ``reducer_tokens`` is the adaptive (PruMerge) count to assume (``None``: published average).
+
+    The vision tower and the projector run once per crop; the LLM sees the image's own token count.
+    """
     text, layers = config.text_config, config.text_config.num_hidden_layers
-    n_img, proj, reducer_macs = config.num_image_tokens, projector_macs(config), 0
+    height, width = image_size or default_image_size(config)
+    crops, n_img = image_geometry(config, height, width)
+    proj, reducer_macs = crops * projector_macs(config), 0
     schedule = [(0, n_img)]
     reducer = get_reducer_class(config.reducer_type) if config.reducer_type else None
     if reducer is not None:
@@ -119,7 +163,7 @@ def count_flops(config: LlavaStfConfig, text_tokens: int = 0, reducer_tokens: in
         if reducer.adaptive:
             n_img = (assumed_selected(config) if reducer_tokens is None else reducer_tokens) + 1
         if reducer.stage == "vision":
-            proj = projector_macs(config, n_img)
+            proj = crops * projector_macs(config, n_img)
         schedule = reducer.llm_schedule(params, shapes, n_img)
         vision, heads = config.vision_config, config.text_config.num_attention_heads
         dims = MacDims(
@@ -133,16 +177,17 @@ def count_flops(config: LlavaStfConfig, text_tokens: int = 0, reducer_tokens: in
             image_tokens=n_img,
         )
         reducer_macs = reducer.own_macs(params, shapes, dims)
-    bounds = [layer for layer, _ in schedule[1:]] + [layers]
-    eq = sum(n * (end - start) for (start, n), end in zip(schedule, bounds)) / layers
     return FlopsReport(
+        image_size=(height, width),
+        crops=crops,
         image_tokens=n_img,
         text_tokens=text_tokens,
-        equivalent_tokens=eq,
+        equivalent_tokens=token_layers(schedule, layers) / layers,
         paper=2 * schedule_macs(schedule, 0, text),
-        vision=2 * vision_macs(config.vision_config),
+        vision=2 * crops * vision_macs(config.vision_config),
         projector=2 * proj,
         reducer=2 * reducer_macs,
         llm=2 * schedule_macs(schedule, text_tokens, text),
         lm_head=2 * text.hidden_size * text.vocab_size,
+        image_kv_bytes=kv_cache_bytes(schedule, text),
     )

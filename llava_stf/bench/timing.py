@@ -38,7 +38,11 @@ class Clock(LogitsProcessor):
 
 
 def prefill(model, ids, pixels, clock: Clock, image_sizes=None) -> tuple[dict[str, float], object, int]:
-    """One timed prefill: ``(times, outputs, tokens through the last LLM layer)``; ``image_sizes`` for AnyRes."""
+    """One timed prefill: ``(times, outputs, tokens through the last LLM layer)``.
+
+    ``pixels``: ``[B, 3, S, S]``, or AnyRes ``[B, crops, 3, S, S]`` with ``image_sizes`` ``[B, 2]`` (the vision tower
+    and the projector then run once over every crop).
+    """
     inner, lm, lengths = model.model, model.model.language_model, []
     parts = {"vision": inner.vision_tower, "proj": inner.multi_modal_projector}
     hooks = [m.register_forward_pre_hook(clock.hook(f"{n}0")) for n, m in parts.items()]
@@ -62,7 +66,7 @@ def prefill(model, ids, pixels, clock: Clock, image_sizes=None) -> tuple[dict[st
     clock.marks, start = {}, clock.now()
     try:
         sizes = {} if image_sizes is None else {"image_sizes": image_sizes}
-        out = model(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1, **sizes)
+        out = model(input_ids=ids, pixel_values=pixels, **sizes, use_cache=True, logits_to_keep=1)
     finally:
         if reducer is not None:
             del reducer.select

@@ -5,6 +5,10 @@ token budget, ``model.reducers.budget_kwargs``) that shares a single randomly in
 LLM weights and LM head, so only the projector (and reducer) differs between the variants being timed. Each variant
 keeps its own language-model module (an in-LLM reducer's ``TokenDropLlamaModel`` hooks its own layers) holding the
 shared parameter tensors.
+
+AnyRes (LLaVA-NeXT) variants: a NeXT preset (``--preset llava-v1.6-vicuna-7b``), or :func:`anyres_config` on the
+``--size`` shapes (the NeXT presets' ``image_grid_pinpoints`` in units of the crop), built with the generation class
+the config names (``model.generation_class``). :func:`image_inputs` gives the pixel tensors either model takes.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from dataclasses import asdict, is_dataclass
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig
 
-from ..model import LlavaStfConfig, LlavaStfForConditionalGeneration, build_projector
+from ..flops import image_geometry
+from ..model import LlavaStfConfig, LlavaStfNextConfig, build_projector, generation_class
 from ..model.presets import load_preset
 from ..model.reducers import budget_kwargs, get_reducer_class
 from ..reducer_choice import share_weights
@@ -28,9 +33,23 @@ SIZES = {  # image, patch, vision hidden / layers, LLM hidden / FFN / layers / h
 }
 
 
-def base_config(preset: str | None, size: str) -> LlavaStfConfig:
-    if preset:
-        return load_preset(preset)
+NEXT_PRESET = "llava-v1.6-vicuna-7b"  # whose image_grid_pinpoints --anyres takes
+
+
+def base_config(preset: str | None, size: str, anyres: bool = False) -> LlavaStfConfig:
+    """A preset's real shapes, else the ``size`` shapes; ``anyres``: on LLaVA-NeXT AnyRes (:func:`anyres_config`)."""
+    config = load_preset(preset) if preset else size_config(size)
+    return anyres_config(config) if anyres and not config.anyres else config
+
+
+def anyres_config(config: LlavaStfConfig) -> LlavaStfNextConfig:
+    """``config`` on AnyRes: the NeXT preset's pinpoints scaled to ``config``'s crop (the same at 336 px)."""
+    crop, next_config = int(config.vision_config.image_size), load_preset(NEXT_PRESET)
+    pinpoints = [[side // next_config.crop_size * crop for side in p] for p in next_config.image_grid_pinpoints]
+    return LlavaStfNextConfig(image_grid_pinpoints=pinpoints, **config.to_dict())
+
+
+def size_config(size: str) -> LlavaStfConfig:
     image, patch, vh, vl, th, tf, tl, heads = SIZES[size]
     vision = CLIPVisionConfig(hidden_size=vh, intermediate_size=4 * vh, num_hidden_layers=vl, num_attention_heads=4,
                               image_size=image, patch_size=patch)  # fmt: skip
@@ -46,7 +65,7 @@ def variant_config(base: LlavaStfConfig, spec: str) -> LlavaStfConfig:
     fields = base.to_dict()
     fields.update(projector_type=projector, projector_kwargs=None, vision_feature_layer=None)
     fields.update(reducer_type=None, reducer_kwargs=None)
-    config = LlavaStfConfig(**fields)
+    config = type(base)(**fields)
     if not reducer:
         return config
     if tokens and not tokens.isdigit():
@@ -71,19 +90,43 @@ def build(base: LlavaStfConfig, specs: list[str], device: torch.device, dtype: t
     torch.set_default_dtype(dtype)  # initialise in the target dtype (no fp32 copy of a 7B model)
     try:
         with torch.device(device):
-            shared = LlavaStfForConditionalGeneration(variant_config(base, specs[0])).eval()
+            first = variant_config(base, specs[0])
+            shared = generation_class(first)(first).eval()
     finally:
         torch.set_default_dtype(default_dtype)
     models = []
     for spec in specs:
         config = variant_config(base, spec)
         with torch.device("meta"):
-            model = LlavaStfForConditionalGeneration(config)
+            model = generation_class(config)(config)
         share_weights(model, shared)
         model.model.multi_modal_projector = build_projector(config).to(device, dtype)  # each variant's own
         model.model.multi_modal_projector.reset_parameters()
+        for name, param in list(model.named_parameters()):  # what share_weights left (NeXT's image_newline)
+            if param.is_meta:
+                owner, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(owner), leaf, shared.get_parameter(name))
         models.append((spec, config, model.eval()))
     return models
+
+
+def image_inputs(
+    config: LlavaStfConfig, height: int, width: int, batch: int, device, dtype, generator: torch.Generator | None = None
+) -> dict:
+    """Random pixel inputs for ``batch`` copies of one ``height x width`` image, as the model takes them.
+
+    Returns:
+        ``{"pixel_values": [batch, 3, S, S]}`` (LLaVA-1.5: the image resized to one ``S``-px crop), or for AnyRes
+        ``{"pixel_values": [batch, crops, 3, S, S], "image_sizes": [batch, 2]}``.
+    """
+    size, g = config.vision_config.image_size, generator or torch.Generator().manual_seed(0)
+    crops, _ = image_geometry(config, height, width)
+    shape = (1, crops, 3, size, size) if config.anyres else (1, 3, size, size)
+    pixels = torch.randn(*shape, generator=g).to(device, dtype)
+    inputs = {"pixel_values": pixels.expand(batch, *shape[1:])}
+    if config.anyres:
+        inputs["image_sizes"] = torch.tensor([[height, width]], device=device).expand(batch, 2)
+    return inputs
 
 
 def add_shape_arguments(parser: argparse.ArgumentParser, size: str) -> None:
