@@ -11,6 +11,10 @@ tokens up to the first EOS, decoded without special tokens and stripped, as LLaV
 unless ``GenerationSettings.temperature`` is above 0 (the chat CLI's ``--temperature``), which samples.
 ``load_checkpoint`` first checks that the folder is a llava_stf checkpoint (config, weights, processor), so a wrong
 folder gets a one-line reason instead of an error from deep inside ``from_pretrained``.
+
+AnyRes (LLaVA-NeXT) checkpoints go through the same code: their saved ``model_type`` loads the NeXT class and
+processor, images become crops + ``image_sizes`` (``processor.image_inputs``), and each prompt holds its own
+image's placeholder count, so a batch may mix images with different tile counts.
 """
 
 from __future__ import annotations
@@ -123,6 +127,37 @@ class _Streamers(BaseStreamer):
             streamer.end()
 
 
+def check_anyres(config, processor: LlavaStfProcessor) -> None:
+    """Raise a one-line error when an AnyRes model and its processor disagree (crop kind, pinpoints, per-crop grid).
+
+    Args:
+        config: the model's config (``config.anyres`` decides; a 1.5 config needs a 1.5 processor).
+        processor: a ``LlavaStfProcessor`` or ``LlavaStfNextProcessor``.
+    """
+    anyres = bool(getattr(config, "anyres", False))
+    processor_anyres = getattr(processor, "image_aspect_ratio", None) == "anyres"
+    if anyres != processor_anyres:
+        kinds = {True: "an AnyRes (LlavaStfNextProcessor)", False: "a LLaVA-1.5 (LlavaStfProcessor)"}
+        raise ValueError(
+            f"processor and model disagree: the model needs {kinds[anyres]} processor, "
+            f"got {kinds[processor_anyres]} one"
+        )
+    if not anyres:
+        return
+    grid = config.crop_grid
+    checks = {
+        "per-crop grid [rows, cols, cell]": (list(processor.crop_grid), [grid.rows, grid.cols, grid.cell]),
+        "image_grid_pinpoints": (
+            [list(p) for p in processor.image_processor.image_grid_pinpoints],
+            [list(p) for p in config.image_grid_pinpoints],
+        ),
+        "crop size": (processor.crop_size, config.crop_size),
+    }
+    for name, (theirs, ours) in checks.items():
+        if theirs != ours:
+            raise ValueError(f"processor and model disagree on {name}: processor: {theirs}, model: {ours}")
+
+
 class Generator:
     """Batched generation (greedy unless the settings sample) for a loaded ``(model, processor)`` pair.
 
@@ -132,9 +167,12 @@ class Generator:
             reducer gives each image its own count, which ``encode`` writes). A processor saved with the checkpoint
             holds the projector's count; when a vision-side reducer was switched on for that checkpoint
             (``config.with_reducer``), the processor is used at the reducer's count, which the model config states.
+            An AnyRes model (``config.anyres``) needs its ``LlavaStfNextProcessor``: ``num_image_tokens`` is then
+            the count of one crop on both sides, and the pinpoints and per-crop grid must be the model's.
     """
 
     def __init__(self, model: torch.nn.Module, processor: LlavaStfProcessor):
+        check_anyres(model.config, processor)
         expected = getattr(model.config, "num_image_tokens", None)
         adaptive = getattr(model.config, "adaptive_image_tokens", False)  # counts come from each image's features
         if expected is not None and not adaptive and processor.num_image_tokens != expected:
@@ -175,6 +213,13 @@ class Generator:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def describe_image_tokens(self) -> str:
+        """For banners: ``"144 image tokens"``, or ``"16 image tokens per crop (AnyRes: ...)"``."""
+        count = f"{self.processor.num_image_tokens} image tokens"
+        if getattr(self.model.config, "anyres", False):
+            return f"{count} per crop (AnyRes: crops + base image by image size, plus newlines)"
+        return count
+
     def prompt(self, request: Request) -> str:
         """The full prompt string of ``request`` in the checkpoint's template (ends with the open assistant slot)."""
         tags = sum(turn.text.count(IMAGE_TOKEN) for turn in request.turns)
@@ -188,9 +233,11 @@ class Generator:
     def encode(self, requests: Sequence[Request]) -> dict:
         """Left-padded model inputs for a batch.
 
-        Images are encoded first (``model.get_image_features``), so each ``<image>`` is written with exactly as many
-        placeholders as its image has tokens: a fixed count for a projector, each image's own count for an adaptive
-        reducer (PruMerge). The features go to ``generate`` as ``mm_encoder_outputs`` and are not computed twice.
+        Images are encoded first (``model.get_image_features`` on ``processor.image_inputs``), so each ``<image>`` is
+        written with exactly as many placeholders as its image has tokens: a fixed count for a projector, each
+        image's own count for an adaptive reducer (PruMerge) or an AnyRes model (crops + base image by image size;
+        ``image_sizes`` go along). The features go to ``generate`` as ``mm_encoder_outputs`` and are not computed
+        twice.
 
         Returns:
             ``input_ids`` ``[B, T]`` and ``attention_mask`` ``[B, T]`` (0 on the left padding), plus
@@ -205,9 +252,10 @@ class Generator:
         images = [r.image for r in requests if r.image is not None]
         if images:
             dtype = next(self.model.parameters()).dtype
-            pixels = self.processor.preprocess_images(images).to(self.device, dtype=dtype)
+            image_inputs = {k: v.to(self.device) for k, v in self.processor.image_inputs(images).items()}
+            image_inputs["pixel_values"] = image_inputs["pixel_values"].to(dtype)
             with torch.inference_mode():
-                features = self.model.get_image_features(pixel_values=pixels)
+                features = self.model.get_image_features(**image_inputs)
             counts = iter([len(tokens) for tokens in features.pooler_output])
             inputs["mm_encoder_outputs"] = {"image": features}
         sequences = [
@@ -284,6 +332,7 @@ __all__ = [
     "Generator",
     "Request",
     "StreamCallback",
+    "check_anyres",
     "check_checkpoint",
     "default_device",
     "load_checkpoint",

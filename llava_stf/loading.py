@@ -1,9 +1,11 @@
 """Loading a llava_stf checkpoint for inference: a one-line check of the folder, optional 8/4-bit quantization.
 
-Shared by the generation helper (evaluation, chat, the lmms-eval plugin). A folder that is not a llava_stf checkpoint
-(a LoRA adapter, a stage-1 projector-only folder, another model type, no processor) is refused with a reason before
-anything heavy is loaded. ``load_checkpoint(..., reducer=ReducerChoice(...))`` runs any checkpoint with another token
-reducer (or none): the one place evaluation and chat apply ``--reducer`` (see ``llava_stf.reducer_choice``).
+Shared by the generation helper (evaluation, chat, the lmms-eval plugin); 1.5 (``llava_stf``) and AnyRes
+(``llava_stf_next``) checkpoints alike, each read as its saved ``model_type`` says (``load_config``). A folder that is
+not a llava_stf checkpoint (a LoRA adapter, a stage-1 projector-only folder, another model type, no processor) is
+refused with a reason before anything heavy is loaded. ``load_checkpoint(..., reducer=ReducerChoice(...))`` runs any
+checkpoint with another token reducer (or none): the one place evaluation and chat apply ``--reducer`` (see
+``llava_stf.reducer_choice``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
-from .model import LlavaStfProcessor  # importing .model registers llava_stf with the Auto classes
+# importing .model registers llava_stf and llava_stf_next with the Auto classes
+from .model import LlavaStfConfig, LlavaStfNextConfig, LlavaStfNextProcessor, LlavaStfProcessor
 from .reducer_choice import ReducerChoice
 
 WEIGHT_FILES = (
@@ -25,9 +28,12 @@ WEIGHT_FILES = (
 )
 QUANTIZED_BITS = (4, 8)  # load_checkpoint(load_in_bits=...) with bitsandbytes on a CUDA device
 NOT_QUANTIZED = ["vision_tower", "multi_modal_projector", "lm_head"]  # kept in ``dtype`` when quantizing the LLM
-# model_type -> the processor class its checkpoints save (LLaVA-1.5 layout; AnyRes, LLaVA-NeXT).
-CHECKPOINT_PROCESSORS = {"llava_stf": "LlavaStfProcessor", "llava_stf_next": "LlavaStfNextProcessor"}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # --dtype names
+# model_type of each llava_stf checkpoint kind -> the processor class saved with it (1.5, and AnyRes / LLaVA-NeXT)
+PROCESSORS = {
+    LlavaStfConfig.model_type: LlavaStfProcessor.__name__,
+    LlavaStfNextConfig.model_type: LlavaStfNextProcessor.__name__,
+}
 
 
 def default_device() -> torch.device:
@@ -37,10 +43,13 @@ def default_device() -> torch.device:
 def check_checkpoint(path: str | Path) -> None:
     """Raise a one-line error unless ``path`` is a llava_stf checkpoint: ``config.json``, weights and processor.
 
+    Both kinds are accepted: ``llava_stf`` (LLaVA-1.5 layout) with a ``LlavaStfProcessor`` and ``llava_stf_next``
+    (AnyRes) with a ``LlavaStfNextProcessor`` (``PROCESSORS``).
+
     Raises:
         FileNotFoundError: If ``path`` is not a folder.
         ValueError: Saying what is missing or foreign (a LoRA adapter, a stage-1 projector folder, another model
-            type, a processor other than ``LlavaStfProcessor``).
+            type, a processor other than the one of its model type).
     """
     path = Path(path)
     if not path.is_dir():
@@ -53,10 +62,11 @@ def check_checkpoint(path: str | Path) -> None:
             else ""
         )
         raise ValueError(f"{path} is not a llava_stf checkpoint: no config.json{hint}")
-    if config.get("model_type") not in CHECKPOINT_PROCESSORS:
+    model_type = config.get("model_type")
+    if model_type not in PROCESSORS:
         raise ValueError(
-            f"{path} holds a {config.get('model_type')!r} model, not a llava_stf checkpoint (model_type "
-            "'llava_stf'); convert it first with python -m llava_stf.convert"
+            f"{path} holds a {model_type!r} model, not a llava_stf checkpoint (model_type "
+            f"{' or '.join(repr(t) for t in PROCESSORS)}); convert it first with python -m llava_stf.convert"
         )
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise ValueError(
@@ -64,10 +74,28 @@ def check_checkpoint(path: str | Path) -> None:
             "holds only the projector: use a stage-2 output or a converted checkpoint"
         )
     processor = read_json_object(path / "processor_config.json")
-    expected = CHECKPOINT_PROCESSORS[config["model_type"]]
+    expected = PROCESSORS[model_type]
     if processor is None or processor.get("processor_class") != expected:
         found = "none" if processor is None else repr(processor.get("processor_class"))
-        raise ValueError(f"{path} has no {expected} saved in processor_config.json (found: {found})")
+        raise ValueError(
+            f"{path} has no {expected} saved in processor_config.json (found: {found}); a {model_type!r} "
+            "checkpoint needs one"
+        )
+
+
+def load_config(path: str | Path) -> LlavaStfConfig:
+    """The saved config of a checkpoint folder, as its own class (``LlavaStfNextConfig`` for an AnyRes one).
+
+    ``AutoConfig`` reads ``model_type``, so a NeXT folder never loads as a plain ``LlavaStfConfig`` (which would
+    drop ``image_grid_pinpoints``).
+
+    Raises:
+        ValueError: If the folder's config is not a llava_stf one.
+    """
+    config = AutoConfig.from_pretrained(path)
+    if not isinstance(config, LlavaStfConfig):
+        raise ValueError(f"{path} holds a {config.model_type!r} config, not a llava_stf one ({sorted(PROCESSORS)})")
+    return config
 
 
 def read_json_object(file: Path) -> dict | None:
@@ -113,7 +141,8 @@ def load_checkpoint(
     """Load ``(model, processor)`` from a checkpoint folder with transformers' Auto classes, in eval mode.
 
     Args:
-        path: A folder written by ``save_pretrained`` (model + ``LlavaStfProcessor``).
+        path: A folder written by ``save_pretrained`` (model + processor; an AnyRes ``llava_stf_next`` folder loads
+            as ``LlavaStfNextForConditionalGeneration``, chosen by the Auto classes from its saved ``model_type``).
         device: Where to put the model (default: ``cuda`` when available, else ``cpu``).
         dtype: Weight dtype (default: float16 on a GPU, as LLaVA evaluates, float32 on a CPU).
         load_in_bits: 8 or 4 to quantize the LLM with bitsandbytes (``quantization_config``); needs a CUDA device
@@ -128,7 +157,7 @@ def load_checkpoint(
     """
     path = Path(path)
     check_checkpoint(path)
-    config = reducer.resolve(AutoConfig.from_pretrained(path)).config if reducer is not None else None
+    config = reducer.resolve(load_config(path)).config if reducer is not None else None
     overrides = {"config": config} if config is not None else {}
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:

@@ -39,7 +39,7 @@ from llava_stf.errors import UserError
 
 from .conversation import HUMAN, IMAGE_TOKEN, ROLES, Template, Turn, normalize_record
 from .images import ImageLimits, load_image
-from .tokenization import SkippedSample, tokenize_conversation
+from .tokenization import ImageTokens, SkippedSample, tokenize_conversation
 
 if TYPE_CHECKING:
     from llava_stf.model import LlavaStfProcessor
@@ -284,9 +284,13 @@ def check_image_folder(samples: Sequence[Sample], image_folder: str | Path | Non
 class LazySupervisedDataset(Dataset):
     """Training samples as ``{"input_ids": [T], "labels": [T], "pixel_values": [3, H, W] | None, "data_events"}``.
 
+    An AnyRes processor (``LlavaStfNextProcessor``) gives each image its crops, ``pixel_values`` ``[n_crops, 3, H,
+    W]``, and its ``image_sizes`` ``[2]`` (height, width); the prompt holds that image's own placeholder count.
+
     Args:
         records: the data file's records (``load_records``), or the same already checked (``check_records``).
-        processor: a ``LlavaStfProcessor`` (tokenizer, image mode, ``num_image_tokens``).
+        processor: a ``LlavaStfProcessor`` or ``LlavaStfNextProcessor`` (tokenizer, image mode,
+            ``image_inputs``, ``image_token_counts``).
         template: the conversation template (``get_template``).
         image_folder: root of the records' ``image`` paths; required when any record has an image.
         max_length: ``model_max_length``; truncation counts the expanded image tokens.
@@ -318,7 +322,8 @@ class LazySupervisedDataset(Dataset):
         self.image_folder = Path(image_folder) if image_folder is not None else None
         words = [sum(len(t.text.split()) for t in s.turns) for s in self.samples]
         # Length proxies of the sampler (``LazySupervisedDataset.modality_lengths`` in haotian-liu/LLaVA
-        # ``llava/train/train.py``): word counts, negative for text-only samples.
+        # ``llava/train/train.py``): word counts, negative for text-only samples. ``lengths`` adds the image tokens
+        # (AnyRes: one crop's count, a lower bound; an image's real count needs its size, known once it is opened).
         self.modality_lengths = [n if s.image is not None else -n for n, s in zip(words, self.samples)]
         image_tokens = [processor.num_image_tokens if s.image is not None else 0 for s in self.samples]
         self.lengths = [n + extra for n, extra in zip(words, image_tokens)]
@@ -327,20 +332,32 @@ class LazySupervisedDataset(Dataset):
         return len(self.samples)
 
     def build(self, sample: Sample) -> dict[str, Any]:
-        """Tokenize one sample and load its image; raises ``SkippedSample`` for a bad one."""
-        tokenized = tokenize_conversation(
-            sample.turns, self.template, self.processor.tokenizer, self.processor, max_length=self.max_length
-        )
-        pixel_values = None
+        """Load one sample's image and tokenize it with that image's placeholder count.
+
+        Raises ``SkippedSample`` for a bad one. The image comes first: its count (``image_token_counts``: fixed for
+        LLaVA-1.5, by image size for AnyRes) decides the prompt and the truncation.
+        """
+        image = None
         if sample.image is not None:
             image, _ = load_image(self.image_folder / sample.image, self.image_limits)
-            pixel_values = self.processor.preprocess_images([image])[0]
-        return {
+        processor = self.processor
+        count = processor.image_token_counts([image])[0] if image is not None else processor.num_image_tokens
+        tokenized = tokenize_conversation(
+            sample.turns,
+            self.template,
+            processor.tokenizer,
+            ImageTokens(processor.image_token_id, count),
+            max_length=self.max_length,
+        )
+        item: dict[str, Any] = {
             "input_ids": torch.tensor(tokenized.input_ids, dtype=torch.long),
             "labels": torch.tensor(tokenized.labels, dtype=torch.long),
-            "pixel_values": pixel_values,
+            "pixel_values": None,
             "data_events": {"skipped": [], "truncated": int(tokenized.truncated)},
         }
+        if image is not None:  # pixel_values [3, H, W]; AnyRes: [n_crops, 3, H, W] and image_sizes [2]
+            item.update({name: value[0] for name, value in processor.image_inputs([image]).items()})
+        return item
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         skipped: list[str] = []

@@ -4,7 +4,9 @@ Upstream does this in haotian-liu/LLaVA ``llava/train/train.py`` (``preprocess_v
 ``llava/mm_utils.py`` (``tokenizer_image_token``). Ids are built span by span from ``Template.spans`` and labels
 alongside them, so the two cannot disagree: a span's ids are copied into ``labels`` when it is supervised (assistant
 answers and their end-of-turn token) and replaced by ``IGNORE_INDEX`` otherwise (BOS, system, user turns, role
-prefixes, image positions). Each ``<image>`` becomes ``num_image_tokens`` copies of the image token id.
+prefixes, image positions). Each ``<image>`` becomes ``num_image_tokens`` copies of the image token id: the count
+of that sample's image (fixed for LLaVA-1.5; for AnyRes it depends on the image's size, so the dataset passes one
+``ImageTokens`` per sample, from ``processor.image_token_counts``).
 
 How pieces are tokenized. The target is upstream's id sequence: split the rendered prompt on ``<image>``, tokenize
 every chunk on its own (BOS on the first only) and join the chunks with the image ids (``tokenize_prompt``). A span's
@@ -53,7 +55,7 @@ class ImageTokens:
     """A plain ``ImageTokenSpec``."""
 
     image_token_id: int  # vocabulary id of "<image>"
-    num_image_tokens: int  # placeholders per image (576 for LLaVA-1.5, 144 for MBTF+STF)
+    num_image_tokens: int  # placeholders per image (576 for LLaVA-1.5, 144 for MBTF+STF; AnyRes: by image size)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from .dataset import (
     too_many_bad,
 )
 from .images import ImageLimits, load_image
-from .tokenization import SkippedSample, tokenize_conversation
+from .tokenization import ImageTokens, SkippedSample, tokenize_conversation
 
 MAX_EXAMPLES = 3
 
@@ -112,8 +112,8 @@ def validate_dataset(
         data_path: the LLaVA JSON (or JSON lines) file.
         image_folder: root of the records' image paths.
         template_name: also check the records against this template (``plain`` takes exactly two turns).
-        processor: a ``LlavaStfProcessor``; when given, conversations are tokenized as in training (with
-            ``template_name``, default ``vicuna_v1``).
+        processor: a ``LlavaStfProcessor`` (or ``LlavaStfNextProcessor``); when given, conversations are
+            tokenized as in training (with ``template_name``, default ``vicuna_v1``; each image's own count).
         max_length: ``model_max_length`` for the truncation check (needs ``processor``).
         limits: image size limits (default ``ImageLimits()``).
         num_workers: threads decoding images.
@@ -133,15 +133,17 @@ def validate_dataset(
 
     def check(sample: Sample) -> tuple[Sample, SkippedSample | None, str | None, bool]:
         try:
+            image = converted = None
+            if sample.image is not None:
+                image, converted = load_image(Path(image_folder) / sample.image, limits or ImageLimits())
             truncated = False
-            if processor is not None:
+            if processor is not None:  # the image's own count, as the dataset writes it (AnyRes: by image size)
+                count = processor.image_token_counts([image])[0] if image is not None else processor.num_image_tokens
+                spec = ImageTokens(processor.image_token_id, count)
                 out = tokenize_conversation(
-                    sample.turns, template or get_template("vicuna_v1"), processor.tokenizer, processor, max_length
+                    sample.turns, template or get_template("vicuna_v1"), processor.tokenizer, spec, max_length
                 )
                 truncated = out.truncated
-            converted = None
-            if sample.image is not None:
-                _, converted = load_image(Path(image_folder) / sample.image, limits or ImageLimits())
             return sample, None, converted, truncated
         except SkippedSample as err:
             return sample, err, None, False
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_path", required=True, help="LLaVA JSON list (or .jsonl)")
     parser.add_argument("--image_folder", default=None, help="root of the records' 'image' paths")
     parser.add_argument("--template", default=None, choices=sorted(TEMPLATES), help="also check against a template")
-    parser.add_argument("--processor", default=None, help="checkpoint with a LlavaStfProcessor: also tokenize "
+    parser.add_argument("--processor", default=None, help="checkpoint with a llava_stf processor: also tokenize "
                         "(with --template, default vicuna_v1)")  # fmt: skip
     parser.add_argument("--model_max_length", type=int, default=None, help="truncation limit (with --processor)")
     parser.add_argument("--max_image_pixels", type=int, default=ImageLimits.max_pixels)
@@ -179,9 +181,11 @@ def main(argv: list[str] | None = None) -> int:
 def _validate(args: argparse.Namespace) -> int:
     processor = None
     if args.processor:
-        from llava_stf.model import LlavaStfProcessor
+        from transformers import AutoProcessor
 
-        processor = LlavaStfProcessor.from_pretrained(args.processor)
+        import llava_stf.model  # noqa: F401  (registers the llava_stf processors with AutoProcessor)
+
+        processor = AutoProcessor.from_pretrained(args.processor)  # 1.5 or AnyRes, as saved
     report = validate_dataset(
         args.data_path,
         args.image_folder,

@@ -38,8 +38,7 @@ import torch
 from ..data.images import ImageLimits
 from ..errors import EXPECTED, UserError, add_debug_flag, run_main
 from ..generation import GenerationSettings, Generator, default_device, load_checkpoint
-from ..loading import DTYPES, check_checkpoint
-from ..model import LlavaStfConfig
+from ..loading import DTYPES, check_checkpoint, load_config
 from ..provenance import Provenance, file_digest
 from ..reducer_choice import ReducerChoice, add_reducer_flags, choice_from_args
 from .answers import has_answers, read_provenance, write_provenance
@@ -393,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
     choice = choice_from_args(args)  # bad reducer flags: an error before anything else
     if choice is not None and args.model_path:
         check_checkpoint(args.model_path[0])
-        resolved = choice.resolve(LlavaStfConfig.from_pretrained(args.model_path[0]))
+        resolved = choice.resolve(load_config(args.model_path[0]))
         print(resolved.describe() + ("" if resolved.changed else " (as the checkpoint has it: no change)"))
     if args.record:
         _record(args)

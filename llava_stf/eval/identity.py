@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..model import LlavaStfConfig
+from ..loading import load_config
 from ..provenance import checkpoint_digest, short
 from ..reducer_choice import ReducerChoice, ResolvedReducer
 
@@ -41,7 +41,7 @@ def resolve_reducer(path: Path, choice: ReducerChoice | None) -> ResolvedReducer
     """``choice`` checked against the checkpoint at ``path``; ``None`` when it changes nothing."""
     if choice is None:
         return None
-    resolved = choice.resolve(LlavaStfConfig.from_pretrained(path))
+    resolved = choice.resolve(load_config(path))
     return resolved if resolved.changed else None
 
 

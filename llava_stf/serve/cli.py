@@ -46,8 +46,7 @@ from PIL import Image
 from ..data.images import IMAGE_TOO_LARGE, ImageLimits
 from ..errors import DEBUG_ENV, UserError, debug_requested, run_main
 from ..generation import GenerationSettings, Generator, check_checkpoint, default_device, load_checkpoint
-from ..loading import DTYPES
-from ..model import LlavaStfConfig
+from ..loading import DTYPES, load_config
 from ..reducer_choice import ReducerChoice, add_reducer_flags, choice_from_args
 from .chat import ChatError, ChatSession
 from .images import DEFAULT_TIMEOUT, ImageSourceError, open_image_source
@@ -271,15 +270,15 @@ def run(args: argparse.Namespace) -> int:
     check_model_path(args.model_path)
     reducer = choice_from_args(args)
     if reducer is not None:  # an unknown name, a budget out of range: one line before anything loads
-        print(reducer.resolve(LlavaStfConfig.from_pretrained(args.model_path)).describe(), file=sys.stderr)
+        print(reducer.resolve(load_config(args.model_path)).describe(), file=sys.stderr)
     image = None if args.image_file is None else open_image(args.image_file, args.timeout, limits)
     generator = load_generator(args, device, load_in_bits, reducer)
     session = ChatSession(generator, image, settings)
     processor, config = generator.processor, generator.model.config
     print(
         f"loaded {args.model_path}: projector {getattr(config, 'projector_type', '?')}, "
-        f"reducer {getattr(config, 'reducer_type', None) or 'none'}, {processor.num_image_tokens} "
-        f"image tokens, template {processor.conversation_template}, image mode {processor.image_aspect_ratio}, "
+        f"reducer {getattr(config, 'reducer_type', None) or 'none'}, {generator.describe_image_tokens()}, "
+        f"template {processor.conversation_template}, image mode {processor.image_aspect_ratio}, "
         f"{generator.device} {next(generator.model.parameters()).dtype}",
         file=sys.stderr,
     )

@@ -214,10 +214,13 @@ class ServeEngine:
         return Request(conversation.turns, image), system
 
     def prompt_tokens(self, request: Request, system: str | None = None) -> tuple[int, int]:
-        """``(text tokens, image tokens)`` of the prompt; the image count is exact, or its most for an adaptive
-        reducer (the actual count is known once the image is encoded: ``Result.image_tokens``)."""
-        ids = self.processor.encode_prompt(self.variant(system).prompt(request))
-        images = self.processor.num_image_tokens if request.image is not None else 0
+        """``(text tokens, image tokens)`` of the prompt; the image count is exact (AnyRes: by the image's size), or
+        its most for an adaptive reducer (the actual count is known once the image is encoded: ``Result.image_tokens``).
+        """
+        images = self.processor.image_token_counts([request.image])[0] if request.image is not None else 0
+        ids = self.processor.encode_prompt(
+            self.variant(system).prompt(request), image_tokens=[images] if images else []
+        )
         return len(ids) - images, images
 
     def check_length(self, prompt: int, max_tokens: int | None, param: str = "max_tokens") -> int:

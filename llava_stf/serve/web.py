@@ -236,7 +236,7 @@ def make_backend(args: argparse.Namespace) -> Backend:
         config, processor = generator.model.config, generator.processor
         projector, reducer = getattr(config, "projector_type", "?"), getattr(config, "reducer_type", None) or "none"
         details = (
-            f"projector {projector}, reducer {reducer}, {processor.num_image_tokens} image tokens, "
+            f"projector {projector}, reducer {reducer}, {generator.describe_image_tokens()}, "
             f"template {processor.conversation_template}"
         )
         return LocalBackend(generator, shown, details)

@@ -103,8 +103,9 @@ class LocalBackend:
         self._lock = threading.Lock()
 
     def image_tokens(self, image: UploadedImage | None) -> int | str:
-        """Placeholders the image takes: the checkpoint's count (an upper bound for an adaptive reducer)."""
-        count = self.generator.processor.num_image_tokens if image is not None else 0
+        """Placeholders the image takes: the checkpoint's count (AnyRes: by the image's size; an upper bound for an
+        adaptive reducer)."""
+        count = self.generator.processor.image_token_counts([image.image])[0] if image is not None else 0
         adaptive = getattr(self.generator.model.config, "adaptive_image_tokens", False)
         return f"<= {count}" if adaptive and count else count
 

@@ -2,9 +2,9 @@
 
 ``stages`` (what trains and what is saved per stage), ``arguments`` (YAML -> dataclasses -> CLI), ``trainer``
 (``LlavaStfTrainer``: projector learning rate, LLaVA's sampler, bad-sample accounting), ``checkpoint`` (complete
-checkpoints, projector file, LoRA merge), ``output_dir`` (new / resumed / overwriting runs, the crash-safe final
-save), ``run`` (``python -m llava_stf.train.run``) and ``fixtures`` (tiny towers and generated data for tests and
-benchmarks).
+checkpoints, projector file (with an AnyRes model's ``image_newline``), LoRA merge and adapter), ``output_dir``
+(new / resumed / overwriting runs, the crash-safe final save), ``run`` (``python -m llava_stf.train.run``) and
+``fixtures`` (tiny towers and generated data for tests and benchmarks).
 """
 
 from .arguments import DataArguments, ModelArguments, RunConfig, StageArguments, parse_config

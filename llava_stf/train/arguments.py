@@ -55,6 +55,10 @@ class ModelArguments:
         default=None, metadata={"help": "layout of a .bin projector: llava | llava-stf-official (default: guess)"}
     )
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, flash_attention_2"})
+    image_grid_pinpoints: list | str | None = field(
+        default=None,
+        metadata={"help": "AnyRes (LLaVA-NeXT) tilings [[height, width], ...] (JSON on CLI); unset: LLaVA-1.5"},
+    )
 
 
 @dataclass
@@ -64,7 +68,9 @@ class DataArguments:
     data_path: str | None = field(default=None, metadata={"help": "LLaVA JSON list (or .jsonl)"})
     image_folder: str | None = field(default=None, metadata={"help": "root of the records' image paths"})
     template: str | None = field(default=None, metadata={"help": "conversation template (default: the stage's)"})
-    image_aspect_ratio: str | None = field(default=None, metadata={"help": "pad | square (default: the stage's)"})
+    image_aspect_ratio: str | None = field(
+        default=None, metadata={"help": "pad | square (default: the stage's; anyres for an AnyRes model)"}
+    )
     model_max_length: int = field(default=2048, metadata={"help": "tokens per sample, image tokens included"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "LLaVA's modality-grouped order"})
     on_bad_sample: str = field(default="skip", metadata={"help": "skip (count + log) | error"})
@@ -139,6 +145,7 @@ def apply_preset(model: ModelArguments) -> None:
         "projector_type": spec.get("projector_type"),
         "projector_kwargs": spec.get("projector_kwargs"),
         "vision_feature_layer": spec.get("vision_feature_layer"),
+        "image_grid_pinpoints": spec.get("image_grid_pinpoints"),  # AnyRes presets (llava-v1.6-*, *-next-*)
     }
     for name, value in values.items():
         if getattr(model, name) is None:
@@ -164,6 +171,18 @@ def _finish(model: ModelArguments, data: DataArguments, stage: StageArguments) -
                 setattr(model, name, json.loads(value))
             except ValueError as err:
                 raise UserError(f"{name} must be a JSON object, got {value!r} ({err})") from None
+    if isinstance(model.image_grid_pinpoints, str):
+        try:
+            model.image_grid_pinpoints = json.loads(model.image_grid_pinpoints)
+        except ValueError as err:
+            raise UserError(f"image_grid_pinpoints must be JSON, got {model.image_grid_pinpoints!r} ({err})") from None
+    pinpoints = model.image_grid_pinpoints
+    if pinpoints is not None and not (
+        isinstance(pinpoints, list)
+        and pinpoints
+        and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) for v in p) for p in pinpoints)
+    ):
+        raise UserError(f"image_grid_pinpoints must be a non-empty list of [height, width] pairs, got {pinpoints!r}")
     if model.reducer_tokens is not None:
         if model.reducer_type is None:
             raise UserError(f"reducer_tokens={model.reducer_tokens} needs a reducer_type (the method it budgets)")

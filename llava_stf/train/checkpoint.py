@@ -10,11 +10,18 @@ leaves a marked, half-deleted folder. The Trainer's own rotation, turned off by 
 may delete the only complete checkpoint before the new one is marked.
 
 The stage-1 output is ``projector.safetensors`` (keys of ``model.model.multi_modal_projector``, metadata
-``projector_type``) next to the model's ``config.json`` and the processor. Stage 2 loads it with
-``load_projector``, which also takes a file made by ``python -m llava_stf.convert --projector-only`` or an original
-LLaVA / LLaVA-STF ``mm_projector.bin`` (converted on the fly). A different projector setting, a missing or extra key
-or a shape mismatch is an error that names them; under ZeRO-3 the parameters are gathered for the load (LLaVA's
-``torch.Size([0])`` failure in ``initialize_vision_modules``, haotian-liu/LLaVA#736).
+``projector_type``; an AnyRes model adds its ``image_newline`` ``[D]`` under that key) next to the model's
+``config.json`` and the processor. Stage 2 loads it with ``load_projector``, which also takes a file made by
+``python -m llava_stf.convert --projector-only`` or an original LLaVA / LLaVA-STF ``mm_projector.bin`` (converted on
+the fly). A different projector setting, a missing or extra key or a shape mismatch is an error that names them; the
+one exception is a file without ``image_newline`` (a LLaVA-1.5 projector) loaded into an AnyRes model, whose
+``image_newline`` then keeps its fresh initialisation, as LLaVA-NeXT's starts, and the log says so. Under ZeRO-3 the
+parameters are gathered for the load (LLaVA's ``torch.Size([0])`` failure in ``initialize_vision_modules``,
+haotian-liu/LLaVA#736).
+
+A LoRA run's ``adapter/`` is PEFT's (LoRA + the projector as ``modules_to_save``); PEFT saves modules only, so an
+AnyRes model's trained ``image_newline`` goes beside it in ``adapter/connector.safetensors``
+(``save_adapter_extras``); ``load_adapter`` puts both back on a base model.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 import logging
 import re
 import shutil
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,11 +45,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava_stf.model.conversion import ConversionError, convert_projector_state_dict
 
-from .stages import PROJECTOR_ATTR
+from .stages import NEWLINE_ATTR, PROJECTOR_ATTR, connector_extras
 
 logger = logging.getLogger(__name__)
 
 PROJECTOR_FILE = "projector.safetensors"
+ADAPTER_EXTRAS_FILE = "connector.safetensors"  # in a LoRA adapter folder: connector parameters PEFT does not save
 LLAVA_PROJECTOR_FILE = "mm_projector.bin"
 # config.json fields that must agree between the stage-1 run and the model that loads its projector
 MATCHED_FIELDS = ("projector_type", "projector_kwargs", "vision_feature_layer", "vision_feature_select_strategy")
@@ -122,11 +131,28 @@ def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = None) -
         yield
 
 
-def save_projector(projector: nn.Module, path: str | Path, projector_type: str, write: bool = True) -> Path:
-    """Write the projector's weights alone to ``path`` (every rank must call this under ZeRO-3; ``write`` on one)."""
+def save_projector(
+    projector: nn.Module,
+    path: str | Path,
+    projector_type: str,
+    write: bool = True,
+    image_newline: nn.Parameter | None = None,
+) -> Path:
+    """Write the projector's weights alone to ``path`` (every rank must call this under ZeRO-3; ``write`` on one).
+
+    Args:
+        projector: ``model.model.multi_modal_projector``.
+        path: the ``.safetensors`` file to write.
+        projector_type: recorded in the file's metadata.
+        write: whether this rank writes.
+        image_newline: an AnyRes model's ``[D]`` row-end embedding, saved under the key ``image_newline``.
+    """
     path = Path(path)
-    with gathered(projector.parameters()):
+    extras = [] if image_newline is None else [image_newline]
+    with gathered([*projector.parameters(), *extras]):
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in projector.state_dict().items()}
+        if image_newline is not None:
+            state[NEWLINE_ATTR] = image_newline.detach().to("cpu").contiguous().clone()
     if write:
         save_file(state, path, metadata={"format": "pt", "projector_type": projector_type})
     return path
@@ -187,7 +213,16 @@ def load_projector(model: nn.Module, path: str | Path, source: str | None = None
     """
     projector = getattr(model.model, PROJECTOR_ATTR)
     state = read_projector_file(path, model.config, source)
-    with gathered(projector.parameters(), modifier_rank=0):
+    newline = getattr(model.model, NEWLINE_ATTR, None) if connector_extras(model) else None
+    newline_state = state.pop(NEWLINE_ATTR, None) if newline is not None else None
+    if newline is not None and newline_state is None:
+        logger.info("%s holds no %s (a LLaVA-1.5 projector): the AnyRes model keeps a fresh one", path, NEWLINE_ATTR)
+    with gathered([*projector.parameters(), *([newline] if newline is not None else [])], modifier_rank=0):
+        if newline_state is not None and tuple(newline_state.shape) != tuple(newline.shape):
+            raise ConversionError(
+                f"projector file {str(path)!r}: {NEWLINE_ATTR} has shape {tuple(newline_state.shape)}, the model's "
+                f"{tuple(newline.shape)}"
+            )
         expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -200,7 +235,52 @@ def load_projector(model: nn.Module, path: str | Path, source: str | None = None
                 f"missing keys {missing}, unexpected keys {unexpected}, shape mismatches {shapes}"
             )
         projector.load_state_dict(state, strict=True)
-    logger.info("loaded the %d projector tensors from %s", len(state), path)
+        if newline_state is not None:
+            with torch.no_grad():
+                newline.copy_(newline_state.to(newline.dtype))
+    extra = f" and {NEWLINE_ATTR}" if newline_state is not None else ""
+    logger.info("loaded the %d projector tensors%s from %s", len(state), extra, path)
+
+
+def save_adapter_extras(model: nn.Module, folder: str | Path, write: bool = True) -> Path | None:
+    """Write the connector parameters PEFT's adapter lacks (AnyRes: ``image_newline``) into ``folder``.
+
+    Every rank must call this under ZeRO-3; ``write`` on one. Returns the file, or ``None`` when there is none
+    (a LLaVA-1.5 model: the adapter holds its whole connector).
+    """
+    extras = connector_extras(model)
+    if not extras:
+        return None
+    path = Path(folder) / ADAPTER_EXTRAS_FILE
+    with gathered(extras):
+        state = {NEWLINE_ATTR: extras[0].detach().to("cpu").contiguous().clone()}
+    if write:
+        save_file(state, path, metadata={"format": "pt"})
+    return path
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """A LoRA run's ``adapter/`` on ``model`` (a fresh or stage-1 base): the PEFT model, ``image_newline`` loaded.
+
+    Raises:
+        ValueError: an AnyRes model and an adapter folder without ``connector.safetensors``, or the reverse.
+    """
+    from peft import PeftModel
+
+    folder = Path(folder)
+    extras, file = connector_extras(model), folder / ADAPTER_EXTRAS_FILE
+    if extras and not file.is_file():
+        raise ValueError(f"{str(folder)!r} lacks {ADAPTER_EXTRAS_FILE}: the AnyRes model's trained {NEWLINE_ATTR}")
+    if file.is_file() and not extras:
+        raise ValueError(f"{str(folder)!r} is an AnyRes adapter ({ADAPTER_EXTRAS_FILE}) but the model is not AnyRes")
+    with warnings.catch_warnings():  # peft 0.21 reads transformers 5.24's deprecated alias (as in stages.wrap_lora)
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(model, str(folder))
+    if extras:
+        state = load_file(str(file))
+        with torch.no_grad():
+            extras[0].copy_(state[NEWLINE_ATTR].to(extras[0].dtype))
+    return peft_model
 
 
 def merge_lora_state_dict(state: Mapping[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
@@ -231,6 +311,7 @@ def merge_lora_state_dict(state: Mapping[str, torch.Tensor], scaling: float) -> 
 
 
 __all__ = [
+    "ADAPTER_EXTRAS_FILE",
     "COMPLETE_MARKER",
     "LLAVA_PROJECTOR_FILE",
     "PROJECTOR_FILE",
@@ -238,9 +319,11 @@ __all__ = [
     "CompleteCheckpoints",
     "gathered",
     "list_checkpoints",
+    "load_adapter",
     "load_projector",
     "merge_lora_state_dict",
     "read_projector_file",
     "remove_checkpoint",
+    "save_adapter_extras",
     "save_projector",
 ]

@@ -1,7 +1,8 @@
 """Offline stand-ins for a training run: tiny tower checkpoints and a generated LLaVA-format data set.
 
 ``save_tiny_towers`` writes a CLIP vision checkpoint and a Llama checkpoint whose tokenizer has neither ``<image>``
-nor a pad token (like Vicuna), so ``llava_stf.model.builder.build_model`` runs its real path. ``write_color_dataset``
+nor a pad token (like Vicuna), so ``llava_stf.model.builder.build_model`` runs its real path (``NEXT_TOWER``: the
+tower overrides of the tiny AnyRes kit, 56-px crops of 8x8 patches). ``write_color_dataset``
 draws flat-colour images from a few classes and writes stage-1 (caption) or stage-2 (instruction, some multi-turn,
 some text-only) records whose answers depend on the colour, so the loss can only fall far if the projector carries
 the image. Used by the tests and ``llava_stf.bench.train``.
@@ -18,7 +19,16 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionModel, LlamaForCausalLM
 
-from llava_stf.testing import tiny_image_processor, tiny_text_config, tiny_tokenizer, tiny_vision_config
+from llava_stf.testing import (
+    TINY_NEXT_CROP,
+    TINY_NEXT_PATCH,
+    tiny_image_processor,
+    tiny_text_config,
+    tiny_tokenizer,
+    tiny_vision_config,
+)
+
+NEXT_TOWER = {"image_size": TINY_NEXT_CROP, "patch_size": TINY_NEXT_PATCH}  # save_tiny_towers(vision_overrides=)
 
 COLORS = {
     "red": (220, 30, 30),
@@ -73,6 +83,7 @@ def write_color_dataset(
     multi_turn_every: int = 0,
     image_size: tuple[int, int] = (40, 32),
     seed: int = 0,
+    sizes: list[tuple[int, int]] | None = None,
 ) -> Path:
     """Write ``folder/images/*.png`` and ``folder/data.json`` in the LLaVA format; return the JSON path.
 
@@ -85,6 +96,8 @@ def write_color_dataset(
         multi_turn_every: every n-th image record has a second round (0: none); ``finetune`` only.
         image_size: (width, height) of the images.
         seed: image noise and class order.
+        sizes: (width, height) of the i-th image record, in turn (instead of ``image_size``): images of several
+            shapes, so an AnyRes model cuts them into different numbers of tiles.
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -98,7 +111,7 @@ def write_color_dataset(
             records.append(_record(i, None, conv))
             continue
         path = f"images/{i:05d}.png"
-        color_image(name, image_size, rng).save(folder / path)
+        color_image(name, sizes[i % len(sizes)] if sizes else image_size, rng).save(folder / path)
         if stage == "pretrain":
             conv = [("human", "Describe the image briefly.\n<image>"), ("gpt", f"a {name} picture")]
         else:
@@ -148,4 +161,4 @@ def _record(i: int, image: str | None, conv: list[tuple[str, str]]) -> dict[str,
     return record
 
 
-__all__ = ["COLORS", "color_image", "save_tiny_towers", "tiny_run_args", "write_color_dataset"]
+__all__ = ["COLORS", "NEXT_TOWER", "color_image", "save_tiny_towers", "tiny_run_args", "write_color_dataset"]

@@ -41,13 +41,13 @@ from llava_stf.data.dataset import (
 )
 from llava_stf.data.images import ImageLimits
 from llava_stf.errors import UserError, run_main
-from llava_stf.model import LlavaStfForConditionalGeneration, LlavaStfProcessor
+from llava_stf.model import LlavaStfForConditionalGeneration, LlavaStfProcessor, generation_class
 from llava_stf.model.builder import build_model
 
 from .arguments import RunConfig, parse_config
-from .checkpoint import PROJECTOR_FILE, load_projector, merge_lora_state_dict, save_projector
+from .checkpoint import PROJECTOR_FILE, load_projector, merge_lora_state_dict, save_adapter_extras, save_projector
 from .output_dir import RUN_CONFIG, STAGING, check_output_dir, config_differences, prepare_output_dir, publish
-from .stages import PROJECTOR_ATTR, Stage, apply_stage, get_stage, wrap_lora
+from .stages import PROJECTOR_ATTR, Stage, apply_stage, connector_extras, get_stage, wrap_lora
 from .trainer import LlavaStfTrainer
 
 logger = logging.getLogger("llava_stf.train")
@@ -63,8 +63,15 @@ def load_dtype(config: RunConfig) -> torch.dtype:
 
 
 def build(config: RunConfig, stage: Stage) -> tuple[LlavaStfForConditionalGeneration, LlavaStfProcessor]:
-    """Model and processor for ``stage``: fresh projector, or the stage-1 one; stage settings on the processor."""
+    """Model and processor for ``stage``: fresh projector, or the stage-1 one; stage settings on the processor.
+
+    ``image_grid_pinpoints`` set: an AnyRes (LLaVA-NeXT) model, whose images are always ``anyres`` (the stage's
+    LLaVA-1.5 image mode does not apply) and whose stage-1 file also holds ``image_newline``.
+    """
     m, d = config.model, config.data
+    anyres = {}
+    if m.image_grid_pinpoints is not None:  # only then: a builder without AnyRes builds 1.5 models as before
+        anyres["image_grid_pinpoints"] = m.image_grid_pinpoints
     model, processor = build_model(
         m.vision_tower,
         m.llm,
@@ -74,10 +81,11 @@ def build(config: RunConfig, stage: Stage) -> tuple[LlavaStfForConditionalGenera
         reducer_type=m.reducer_type,
         reducer_kwargs=m.reducer_kwargs,
         reducer_tokens=m.reducer_tokens,
-        image_aspect_ratio=d.image_aspect_ratio or stage.image_aspect_ratio,
+        image_aspect_ratio=d.image_aspect_ratio or ("anyres" if anyres else stage.image_aspect_ratio),
         dtype=load_dtype(config),
         attn_implementation=m.attn_implementation,
         model_max_length=d.model_max_length,
+        **anyres,
     )
     processor.conversation_template = get_template(d.template or stage.template).name
     if m.pretrained_projector:
@@ -111,18 +119,26 @@ def save_outputs(trainer: LlavaStfTrainer, stage: Stage, processor: LlavaStfProc
     base = trainer.model.get_base_model() if stage.lora else trainer.model
     base.config.use_cache = True  # the Trainer turned it off for training; generation wants it back
     if stage.saves == "projector":
-        save_projector(getattr(base.model, PROJECTOR_ATTR), staging / PROJECTOR_FILE, base.config.projector_type, main)
+        newline = connector_extras(base)  # AnyRes: image_newline is saved with the projector
+        save_projector(
+            getattr(base.model, PROJECTOR_ATTR),
+            staging / PROJECTOR_FILE,
+            base.config.projector_type,
+            main,
+            image_newline=newline[0] if newline else None,
+        )
         if main:
             base.config.save_pretrained(staging)
     elif stage.saves == "model":
         trainer.save_model(str(staging))
     else:
         trainer.save_model(str(staging / "adapter"))
+        save_adapter_extras(base, staging / "adapter", main)  # AnyRes: image_newline, which PEFT does not save
         state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers under ZeRO-3
         if main:
             merged = merge_lora_state_dict(state, config.stage.lora_alpha / config.stage.lora_r)
             with torch.device("meta"), set_zero3_state():  # one rank builds it: no ZeRO-3 partitioning here
-                plain = LlavaStfForConditionalGeneration(base.config)
+                plain = generation_class(base.config)(base.config)
             plain.load_state_dict(merged, strict=True, assign=True)
             plain.generation_config = base.generation_config
             plain.save_pretrained(staging)

@@ -9,6 +9,11 @@
 The vision tower is always frozen; with no parameter needing a gradient and an input that needs none, autograd
 records nothing there, which is LLaVA's ``no_grad`` tower. ``apply_stage`` is the one place that sets
 ``requires_grad``; it logs the frozen and trainable parameter counts per part.
+
+AnyRes (LLaVA-NeXT) models: the "projector" part is the whole connector between the tower and the LLM, the
+projector *and* ``image_newline`` (the learned token closing each row of tiles, ``model.model.image_newline``), so
+stage 1 trains and saves both, stage 2 starts from both, and LoRA keeps both trainable beside the adapter. Their
+images are always ``anyres`` (the processor's mode); the table's image column is LLaVA-1.5's.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 PARTS = ("vision_tower", "projector", "language_model", "lora")
 PROJECTOR_ATTR = "multi_modal_projector"  # attribute name of the projector (a contract of the model package)
+NEWLINE_ATTR = "image_newline"  # AnyRes: the row-end embedding [D] beside the projector (transformers' LlavaNextModel)
 
 
 @dataclass(frozen=True)
@@ -58,10 +64,13 @@ def get_stage(name: str) -> Stage:
 
 
 def part_of(name: str) -> str:
-    """Which part a parameter belongs to, from its name (plain or PEFT-wrapped model)."""
+    """Which part a parameter belongs to, from its name (plain or PEFT-wrapped model).
+
+    ``image_newline`` (AnyRes) is connector state, so it counts as "projector".
+    """
     if "lora_" in name:
         return "lora"
-    if f".{PROJECTOR_ATTR}." in f".{name}":
+    if f".{PROJECTOR_ATTR}." in f".{name}" or name.split(".")[-1] == NEWLINE_ATTR:
         return "projector"
     if ".vision_tower." in f".{name}":
         return "vision_tower"
@@ -100,13 +109,19 @@ def apply_stage(model: nn.Module, stage: Stage) -> dict[str, Counter]:
     """
     model.requires_grad_(False)
     modules = {
-        "projector": [getattr(model.model, PROJECTOR_ATTR)],
+        "projector": [getattr(model.model, PROJECTOR_ATTR), *connector_extras(model)],
         "language_model": [model.model.language_model, model.lm_head],
     }
     for part in stage.trains:
         for module in modules[part]:
             module.requires_grad_(True)
     return log_parameter_counts(model, stage)
+
+
+def connector_extras(model: nn.Module) -> list[nn.Parameter]:
+    """Connector parameters outside the projector: ``[image_newline]`` for an AnyRes model, ``[]`` otherwise."""
+    newline = getattr(model.model, NEWLINE_ATTR, None)
+    return [newline] if isinstance(newline, nn.Parameter) else []
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:
@@ -119,6 +134,8 @@ def wrap_lora(model: nn.Module, stage: Stage, r: int, alpha: int, dropout: float
     """Add LoRA adapters to the LLM's linear layers and keep a trainable copy of the projector (PEFT).
 
     The projector is a PEFT ``modules_to_save`` entry, so the saved adapter holds the trained projector too.
+    ``image_newline`` (AnyRes) is a bare parameter, which ``modules_to_save`` cannot name (it wraps modules): it
+    stays trainable here and is saved beside the adapter (``checkpoint.save_adapter_extras``).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -133,16 +150,20 @@ def wrap_lora(model: nn.Module, stage: Stage, r: int, alpha: int, dropout: float
     with warnings.catch_warnings():  # peft 0.21 reads transformers 5.24's deprecated alias; nothing of ours to change
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         peft_model = get_peft_model(model, config)
+    for param in connector_extras(model):  # PEFT froze everything but the adapter and modules_to_save
+        param.requires_grad_(True)
     log_parameter_counts(peft_model, stage)
     return peft_model
 
 
 __all__ = [
+    "NEWLINE_ATTR",
     "PARTS",
     "PROJECTOR_ATTR",
     "STAGES",
     "Stage",
     "apply_stage",
+    "connector_extras",
     "get_stage",
     "log_parameter_counts",
     "lora_target_modules",

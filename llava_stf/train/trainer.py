@@ -3,7 +3,8 @@
 Only documented extension points are overridden:
 
 - ``create_optimizer``: parameter groups {decay, no decay} x {projector, rest}; the projector groups use
-  ``projector_lr``. Projector parameters are the trainable ones under ``multi_modal_projector`` (the official
+  ``projector_lr``. Projector parameters are the trainable ones under ``multi_modal_projector``, and an AnyRes
+  model's ``image_newline`` (connector state, ``stages.part_of``) (the official
   LLaVA-STF release's always-true name filter in its ``LLaVATrainer.create_optimizer`` (visresearch/LLaVA-STF)
   gives *every* parameter the projector rate);
 - ``_get_train_sampler``: a seeded shuffle, or LLaVA's ``group_by_modality_length`` order, both replayed exactly on
@@ -160,7 +161,10 @@ class LlavaStfTrainer(Trainer):
         """
         llava = self.accelerator.unwrap_model(model)
         llava = llava.get_base_model() if hasattr(llava, "get_base_model") else llava  # PEFT
-        features = llava.get_image_features(pixel_values=inputs.pop("pixel_values"))
+        image_inputs = {"pixel_values": inputs.pop("pixel_values")}
+        if "image_sizes" in inputs:  # AnyRes
+            image_inputs["image_sizes"] = inputs.pop("image_sizes")
+        features = llava.get_image_features(**image_inputs)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         pad_id = getattr(tokenizer, "pad_token_id", None)
         inputs = fit_image_placeholders(
