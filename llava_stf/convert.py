@@ -59,7 +59,7 @@ from transformers import (
 )
 
 from .errors import UserError, add_debug_flag, run_main
-from .loading import CHECKPOINT_PROCESSORS, check_checkpoint, read_json_object
+from .loading import PROCESSORS, check_checkpoint, read_json_object
 from .model import LlavaStfConfig, LlavaStfProcessor, generation_class
 from .model.builder import build_processor, prepare_tokenizer
 from .model.conversion import (
@@ -251,7 +251,7 @@ def read_source_config(source: str, src: Path) -> dict[str, Any]:
     if config is None:
         raise UserError(f"{src} is not a checkpoint folder: no config.json")
     model_type = config.get("model_type")
-    if model_type in CHECKPOINT_PROCESSORS:
+    if model_type in PROCESSORS:
         raise UserError(
             f"{src} is already a llava_stf checkpoint (model_type {model_type!r}): nothing to convert (to export an "
             "mlp2x_gelu one to transformers' LLaVA: --to llava-hf)"
