@@ -162,8 +162,11 @@ def count_flops(
         params, shapes = config.reducer_params(), config.reducer_shapes()
         if reducer.adaptive:
             n_img = (assumed_selected(config) if reducer_tokens is None else reducer_tokens) + 1
+        # A vision-side reducer works per crop (AnyRes: every crop keeps n_img / crops tokens, no newlines); an
+        # in-LLM one sees the whole image's tokens once.
+        per_run, runs = (n_img // crops, crops) if reducer.stage == "vision" else (n_img, 1)
         if reducer.stage == "vision":
-            proj = crops * projector_macs(config, n_img)
+            proj = crops * projector_macs(config, per_run)
         schedule = reducer.llm_schedule(params, shapes, n_img)
         vision, heads = config.vision_config, config.text_config.num_attention_heads
         dims = MacDims(
@@ -174,9 +177,9 @@ def count_flops(
             text_kv_hidden=kv_width(text),
             text_heads=heads,
             text_tokens=text_tokens,
-            image_tokens=n_img,
+            image_tokens=per_run,
         )
-        reducer_macs = reducer.own_macs(params, shapes, dims)
+        reducer_macs = runs * reducer.own_macs(params, shapes, dims)
     return FlopsReport(
         image_size=(height, width),
         crops=crops,

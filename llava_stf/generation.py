@@ -173,6 +173,8 @@ class Generator:
 
     def __init__(self, model: torch.nn.Module, processor: LlavaStfProcessor):
         check_anyres(model.config, processor)
+        if getattr(model.config, "anyres", False):  # a vision-side reducer sets each crop's count (None: the grid's)
+            processor = processor.with_reduced_crops(model.config.reduced_crop_tokens)
         expected = getattr(model.config, "num_image_tokens", None)
         adaptive = getattr(model.config, "adaptive_image_tokens", False)  # counts come from each image's features
         if expected is not None and not adaptive and processor.num_image_tokens != expected:

@@ -175,6 +175,8 @@ def load_checkpoint(
             **overrides,
         )
     processor = AutoProcessor.from_pretrained(path)
-    if config is not None:
+    if config is not None and config.anyres:  # per crop: a vision-side reducer's budget, or the grid's count
+        processor = processor.with_reduced_crops(config.reduced_crop_tokens)
+    elif config is not None:
         processor.num_image_tokens = config.num_image_tokens
     return model.eval(), processor

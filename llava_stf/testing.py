@@ -233,6 +233,7 @@ def tiny_next_processor(
         image_processor=tiny_next_image_processor(config.crop_size, config.image_grid_pinpoints),
         tokenizer=tokenizer or tiny_tokenizer(),
         crop_grid=[grid.rows, grid.cols, grid.cell],
+        reduced_crop_tokens=config.reduced_crop_tokens,  # a vision-side reducer's per-crop budget (else None)
     )
 
 

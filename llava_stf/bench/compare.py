@@ -153,7 +153,8 @@ def score_row(args: argparse.Namespace, p: Planned, generator: Generator, name: 
 
 def add_costs(row: Row, p: Planned, measured: Prefill | None) -> None:
     """FLOPs (with the measured count of an adaptive reducer) and the measured prefill and KV cache of ``row``."""
-    f = flops(p.resolved.config, row.text_tokens, measured.counts if measured is not None else None)
+    counts, sizes = (measured.counts, measured.sizes) if measured is not None else (None, None)
+    f = flops(p.resolved.config, row.text_tokens, counts, sizes)
     row.image_tokens, row.equivalent_tokens = f.image_tokens, f.equivalent_tokens
     row.paper_tflops, row.prefill_tflops = f.paper / 1e12, f.prefill / 1e12
     if measured is not None:
@@ -162,8 +163,8 @@ def add_costs(row: Row, p: Planned, measured: Prefill | None) -> None:
         if measured is not None:
             row.image_tokens = measured.image_tokens
             row.equivalent_tokens = layer_average_tokens(p.resolved.config, measured.counts)
-        row.notes.append("AnyRes: FLOPs are for one crop (llava_stf.flops takes no image size yet); image tokens "
-                         "are the latency sample's mean")  # fmt: skip
+        else:
+            row.notes.append("AnyRes: no latency sample, so FLOPs and image tokens are for a 672x672 image")
     if p.budget is not None and f.equivalent_tokens >= p.resolved.config.reducer_shapes().projector_tokens:
         layers = p.resolved.config.reducer_shapes().num_text_layers
         row.notes.append(

@@ -37,6 +37,7 @@ class Prefill:
     kv_bytes: float  # KV cache of one image and its prompt (mean over the sample)
     image_tokens: float  # image tokens entering the LLM (mean over the sample)
     counts: list[int]  # image tokens entering the LLM, per sample image
+    sizes: list[tuple[int, int]]  # (height, width) of each sample image (AnyRes FLOPs depend on it)
 
 
 @dataclass
@@ -118,6 +119,7 @@ def measure_prefill(generators: Sequence[Generator], samples: Sequence[Sample], 
             kv_bytes=statistics.fmean(row_kv),
             image_tokens=statistics.fmean(c for _, _, c in row_inputs),
             counts=[c for _, _, c in row_inputs],
+            sizes=[(image.height, image.width) for image in images],
         )
         for row_times, row_kv, row_inputs in zip(times, kv, inputs)
     ]
@@ -133,15 +135,24 @@ def layer_average_tokens(config: LlavaStfConfig, counts: Sequence[int]) -> float
     return statistics.fmean(layer_average(cls.llm_schedule(params, shapes, n), depth) for n in counts)
 
 
-def flops(config: LlavaStfConfig, text: float, counts: Sequence[int] | None = None) -> Flops:
+def flops(
+    config: LlavaStfConfig,
+    text: float,
+    counts: Sequence[int] | None = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
+) -> Flops:
     """Paper-convention and full-prefill FLOPs of one image with ``text`` tokens (rounded) under ``config``.
 
     Args:
         counts: Measured image tokens per image, for an adaptive reducer (FLOPs are averaged over them); ignored
             otherwise. Without them an adaptive reducer gets ``count_flops``'s assumed (published) count.
+        sizes: ``(height, width)`` of each measured image: AnyRes FLOPs are averaged over them (crops and tokens
+            depend on the size). Without them AnyRes gets ``count_flops``'s default size (672x672).
     """
     text_tokens = round(text)
-    if config.adaptive_image_tokens and counts:
+    if config.anyres and sizes:
+        reports = [count_flops(config, text_tokens, image_size=size) for size in sizes]
+    elif config.adaptive_image_tokens and counts:
         # count_flops takes the adaptive reducer's selected tokens and adds its one extra (PruMerge's)
         reports = [count_flops(config, text_tokens, reducer_tokens=c - 1) for c in counts]
     else:

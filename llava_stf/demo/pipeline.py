@@ -240,7 +240,7 @@ def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool 
     from ..eval.__main__ import LazyGenerator
     from ..flops import count_flops
     from ..generation import default_device
-    from ..model import LlavaStfConfig
+    from ..loading import load_config
 
     out = out.resolve()  # the stage markers hold paths: the same folder named two ways must still be reused
     steps = ["data", "vision tower", "llm", "stage 1", "stage 2", "evaluation"]
@@ -269,7 +269,7 @@ def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool 
     blank = evaluate(model, out, f"{name}-blank", s=s, progress=progress, split=BLANK_SPLIT)
     say(6, f"accuracy {metrics['accuracy']:.1f}% on {metrics['questions']} questions "
            f"({blank['accuracy']:.1f}% with a blank image)")  # fmt: skip
-    config = LlavaStfConfig.from_pretrained(stage2)
+    config = load_config(stage2)
     report = count_flops(config, text_tokens=32)
     return RunReport(
         name=name,

@@ -123,10 +123,11 @@ class StfModelHooks:
         if config.reducer_type is not None:
             source += f" with reducer '{config.reducer_type}'"
         if config.anyres:
+            layout = "unpadded, plus newlines" if config.reduced_crop_tokens is None else "no newlines"
             return (
                 f"{rows} image feature rows: AnyRes with {source} gives each image its own count (crops + base "
-                f"image, {per_image} tokens each, unpadded, plus newlines): config.image_token_count(height, width); "
-                "expand each <image> with the LlavaStfNextProcessor"
+                f"image, {per_image} tokens each, {layout}): config.image_token_count(height, width); "
+                "expand each <image> with the LlavaStfNextProcessor at the model's reduced_crop_tokens"
             )
         if config.adaptive_image_tokens:
             return (

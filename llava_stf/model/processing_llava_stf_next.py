@@ -40,7 +40,7 @@ class LlavaStfNextProcessor(LlavaStfProcessor):
         reduced_crop_tokens: ``None`` (default): each image's count follows the projector's grid (unpadded tiles +
             newlines). An integer: a vision-side reducer leaves this many tokens per crop and every crop, base image
             included, contributes exactly that many (``config.reduced_crop_tokens``; see :meth:`with_reduced_crops`).
-        **kwargs: the other :class:`LlavaStfProcessor` arguments.
+        image_token, conversation_template, chat_template: as for :class:`LlavaStfProcessor`.
     """
 
     image_modes = ("anyres",)
@@ -53,8 +53,13 @@ class LlavaStfNextProcessor(LlavaStfProcessor):
         num_image_tokens: int | None = None,
         image_aspect_ratio: str = "anyres",
         reduced_crop_tokens: int | None = None,
+        image_token: str = "<image>",
+        conversation_template: str = "vicuna_v1",
+        chat_template: str | None = None,
         **kwargs,
     ):
+        # image_token / conversation_template / chat_template are named here (not only in **kwargs) because
+        # ProcessorMixin saves the arguments of the class's own __init__: a stage-1 processor must reload "plain".
         grid = CropGrid(*(int(v) for v in crop_grid))
         if min(grid.rows, grid.cols, grid.cell) < 1:
             raise ValueError(f"crop_grid must be three positive integers [rows, cols, cell], got {list(crop_grid)}")
@@ -66,7 +71,14 @@ class LlavaStfNextProcessor(LlavaStfProcessor):
         self.crop_grid = [grid.rows, grid.cols, grid.cell]
         self.reduced_crop_tokens = reduced_crop_tokens
         super().__init__(
-            image_processor, tokenizer, num_image_tokens=per_crop, image_aspect_ratio=image_aspect_ratio, **kwargs
+            image_processor,
+            tokenizer,
+            num_image_tokens=per_crop,
+            image_aspect_ratio=image_aspect_ratio,
+            image_token=image_token,
+            conversation_template=conversation_template,
+            chat_template=chat_template,
+            **kwargs,
         )
         check_pinpoints(self.image_processor.image_grid_pinpoints, self.crop_size)
 

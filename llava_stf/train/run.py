@@ -69,9 +69,7 @@ def build(config: RunConfig, stage: Stage) -> tuple[LlavaStfForConditionalGenera
     LLaVA-1.5 image mode does not apply) and whose stage-1 file also holds ``image_newline``.
     """
     m, d = config.model, config.data
-    anyres = {}
-    if m.image_grid_pinpoints is not None:  # only then: a builder without AnyRes builds 1.5 models as before
-        anyres["image_grid_pinpoints"] = m.image_grid_pinpoints
+    anyres = m.image_grid_pinpoints is not None
     model, processor = build_model(
         m.vision_tower,
         m.llm,
@@ -85,7 +83,7 @@ def build(config: RunConfig, stage: Stage) -> tuple[LlavaStfForConditionalGenera
         dtype=load_dtype(config),
         attn_implementation=m.attn_implementation,
         model_max_length=d.model_max_length,
-        **anyres,
+        image_grid_pinpoints=m.image_grid_pinpoints,
     )
     processor.conversation_template = get_template(d.template or stage.template).name
     if m.pretrained_projector:

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from llava_stf.bench import compare
+from llava_stf.flops import count_flops
 from llava_stf.generation import Generator, Request
+from llava_stf.loading import load_config
 from llava_stf.model import LlavaStfNextConfig, LlavaStfNextForConditionalGeneration
 from llava_stf.testing import (
     IMAGE_TOKEN,
@@ -31,6 +33,7 @@ from llava_stf.testing import (
 
 TEXT = "What is shown?"
 SIZES = [(112, 112), (40, 90), (90, 40)]  # (width, height) of images 0, 1, 2
+SAMPLE_SIZES = [(112, 112), (90, 40)]  # (height, width) of the latency sample: images 0 and 1
 KV_WIDTH, FP32 = 16 * 2, 4  # tiny LLM: head_dim 16, 2 key/value heads; float32
 
 
@@ -71,11 +74,6 @@ def _text_tokens(root: Path) -> int:
     return len(generator.processor.encode_prompt(prompt, image_tokens=[1])) - 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs AnyRes in loading.check_checkpoint / load_checkpoint (AutoConfig) and Generator.encode "
-    "(processor.image_inputs with image_sizes), from the evaluation branch: remove this mark when merged",
-)
 def test_compare_sweeps_an_anyres_checkpoint(world, capsys):
     assert _compare(world) == 0
     with (world / "out" / "compare.csv").open() as f:
@@ -98,6 +96,11 @@ def test_compare_sweeps_an_anyres_checkpoint(world, capsys):
     md = (world / "out" / "compare.md").read_text()
     assert "- next prumerge: reducer_type 'prumerge' gives each crop its own adaptive token count" in md
     assert "- next visionzip@100: token budget 100 for reducer_type 'visionzip' must be an integer in 1..64" in md
-    assert "AnyRes: FLOPs are for one crop" in md
+    assert "AnyRes: no latency sample" not in md
+    # FLOPs: the mean over the latency sample's two images, each at its own size (crops and tokens)
+    config = load_config(world / "next")
+    text_tokens = round(float(none["text_tokens"]))
+    expected = [count_flops(config, text_tokens, image_size=size) for size in SAMPLE_SIZES]
+    assert float(none["paper_tflops"]) * 1e12 == pytest.approx(sum(r.paper for r in expected) / 2, rel=1e-6)
     assert "3 rows, 3 skipped" in capsys.readouterr().out
     assert (world / "out" / "compare.png").read_bytes()[:4] == b"\x89PNG"

@@ -84,11 +84,18 @@ def test_1_5_presets_ignore_the_image_size():
         assert resized.full == count_flops(config, 40).full
 
 
-@pytest.mark.parametrize(("projector", "reducer"), [("mlp2x_gelu", None), ("mbtf_stf", None), ("mlp2x_gelu", "fastv")])
+REDUCER_KWARGS = {"fastv": {"k": 1, "r": 0.5}, "visionzip": {"dominant": 6, "contextual": 2}}
+
+
+@pytest.mark.parametrize(
+    ("projector", "reducer"),
+    [("mlp2x_gelu", None), ("mbtf_stf", None), ("mlp2x_gelu", "fastv"), ("mlp2x_gelu", "visionzip")],
+)
 def test_tiny_next_full_prefill_matches_flop_counter_mode(projector, reducer):
     # A non-square image (unpadded rows) through the real AnyRes model: every matmul torch runs is counted.
+    # VisionZip: the projector and the reducer's own work run per crop on the crop's kept tokens.
     tokenizer = tiny_tokenizer()
-    kwargs = {"reducer_type": reducer, "reducer_kwargs": {"k": 1, "r": 0.5}} if reducer else {}
+    kwargs = {"reducer_type": reducer, "reducer_kwargs": REDUCER_KWARGS[reducer]} if reducer else {}
     config = tiny_next_config(tokenizer, projector, **kwargs)
     model = tiny_next_model(config)
     model.set_attn_implementation("eager")  # FlopCounterMode sees the attention matmuls only in eager mode

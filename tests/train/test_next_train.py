@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from next_fixtures import use_anyres_builder
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
 
@@ -80,8 +79,7 @@ def _answers(generator: Generator) -> None:
     assert generator.generate(requests, settings) == [generator.generate([r], settings)[0] for r in requests]
 
 
-def test_stage1_trains_projector_and_newline_then_stage2_starts_from_both(next_world, tmp_path, monkeypatch):
-    use_anyres_builder(monkeypatch)
+def test_stage1_trains_projector_and_newline_then_stage2_starts_from_both(next_world, tmp_path):
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     cfg1 = _config(next_world, next_world.captions, stage1, "pretrain")
     trainer1 = run(cfg1)
@@ -95,7 +93,8 @@ def test_stage1_trains_projector_and_newline_then_stage2_starts_from_both(next_w
     assert saved.keys() == {*projector, "image_newline"}
     assert torch.equal(saved["image_newline"], model1.model.image_newline.detach())
     assert json.loads((stage1 / "config.json").read_text())["model_type"] == "llava_stf_next"
-    assert AutoProcessor.from_pretrained(stage1).image_aspect_ratio == "anyres"  # the template: see the xfail below
+    reloaded = AutoProcessor.from_pretrained(stage1)
+    assert (reloaded.image_aspect_ratio, reloaded.conversation_template) == ("anyres", "plain")
 
     cfg2 = _config(next_world, next_world.instruct, stage2, "finetune", pretrained_projector=stage1)
     start = _fresh(cfg2)
@@ -111,10 +110,7 @@ def test_stage1_trains_projector_and_newline_then_stage2_starts_from_both(next_w
     _answers(generator)
 
 
-def test_lora_keeps_newline_and_projector_trainable_and_saves_them_beside_the_adapter(
-    next_world, tmp_path, monkeypatch
-):
-    use_anyres_builder(monkeypatch)
+def test_lora_keeps_newline_and_projector_trainable_and_saves_them_beside_the_adapter(next_world, tmp_path):
     out = tmp_path / "lora"
     config = _config(next_world, next_world.instruct, out, "lora", lora_r=4, lora_alpha=8, lora_dropout=0.0)
     trainer = run(config)
@@ -138,11 +134,6 @@ def test_lora_keeps_newline_and_projector_trainable_and_saves_them_beside_the_ad
     _answers(Generator(merged, processor))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LlavaStfNextProcessor.__init__ does not name conversation_template, so ProcessorMixin does not save it "
-    "(llava_stf/model/processing_llava_stf_next.py): a stage-1 AnyRes output reloads with vicuna_v1, not plain",
-)
 def test_the_stage_template_survives_saving_an_anyres_processor(tmp_path):
     tokenizer = tiny_tokenizer()
     processor = tiny_next_processor(tiny_next_config(tokenizer), tokenizer)
