@@ -127,7 +127,10 @@ def parameter_counts(model: LlavaStfForConditionalGeneration) -> dict[str, int]:
         "llm": model.model.language_model,
         "lm_head": model.lm_head,
     }
-    return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+    newline = getattr(model.model, "image_newline", None)  # AnyRes: one learned [D] row, counted with the projector
+    counts["projector"] += 0 if newline is None else newline.numel()
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:

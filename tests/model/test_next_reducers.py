@@ -267,7 +267,8 @@ def test_budgets_are_per_crop(session_tokenizer):
 
 def test_processor_saves_the_reduced_count(tmp_path, session_tokenizer):
     config = next_config(session_tokenizer, "visionzip")
-    processor = tiny_next_processor(config, session_tokenizer)
+    assert tiny_next_processor(config, session_tokenizer).reduced_crop_tokens == 8  # the test kit follows the config
+    processor = tiny_next_processor(config, session_tokenizer).with_reduced_crops(None)  # a checkpoint's own one
     assert processor.reduced_crop_tokens is None and processor.image_token_count(112, 112) == 336
     reduced = processor.with_reduced_crops(config.reduced_crop_tokens)
     assert (reduced.num_image_tokens, reduced.image_token_count(112, 112), processor.num_image_tokens) == (8, 40, 64)

@@ -48,3 +48,20 @@ def test_official_stack_keys_and_shapes():
 def test_unknown_preset_lists_available():
     with pytest.raises(FileNotFoundError, match="llava-stf-7b"):
         load_preset("no-such-preset")
+
+
+@pytest.mark.parametrize(
+    "name, per_crop, at_672, total_params",
+    [
+        # the llava-v1.5-7b preset's 7,063,427,072 parameters + image_newline's 4,096; 5 x 576 + 48 tokens
+        ("llava-v1.6-vicuna-7b", 576, 2928, 7_063_431_168),
+        ("llava-stf-next-7b", 144, 744, 7_214_443_520),  # llava-stf-7b's 7,214,439,424 + 4,096; 5 x 144 + 24
+    ],
+)
+def test_anyres_presets_count_tokens_per_crop_and_per_image(name, per_crop, at_672, total_params):
+    model = build_meta_model(name)
+    config = model.config
+    assert config.anyres and type(model).__name__ == "LlavaStfNextForConditionalGeneration"
+    assert config.num_image_tokens == per_crop and config.image_token_count(672, 672) == at_672
+    assert config.num_crops(672, 672) == 5 and model.model.image_newline.shape == (4096,)
+    assert sum(p.numel() for p in model.parameters()) == sum(parameter_counts(model).values()) == total_params
