@@ -41,7 +41,7 @@ from ..errors import DEBUG_ENV, UserError, run_main
 from ..eval.identity import identity_of
 from ..generation import Generator
 from ..reducer_choice import choice_from_args
-from .api_http import KeyCheck, add_error_handlers, check_model, put_event, sse_events, wait_result
+from .api_http import BodyLimit, KeyCheck, add_error_handlers, check_model, put_event, sse_events, wait_result
 from .batcher import Batcher, QueueFull
 from .cli import add_model_flags, check_model_path, image_limits, load_generator, resolve_device
 from .engine import Job, ServeEngine
@@ -73,6 +73,13 @@ class ApiSettings:
     image_timeout: float = DEFAULT_TIMEOUT  # seconds for an image URL download
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     retry_after: int = 1  # seconds, sent with a 429
+    max_body_bytes: int | None = None  # larger request bodies get a 413; None: one largest image in base64 + 1 MiB
+
+    def body_limit(self) -> int:
+        """The request-body limit in bytes (the default fits one ``image_limits.max_bytes`` image as base64)."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return -(-self.image_limits.max_bytes * 4 // 3) + 2**20
 
 
 def create_app(generator_or_engine: Generator | ServeEngine, settings: ApiSettings | None = None) -> FastAPI:
@@ -95,6 +102,7 @@ def create_app(generator_or_engine: Generator | ServeEngine, settings: ApiSettin
     app = FastAPI(title="llava_stf", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher, app.state.engine, app.state.settings = batcher, engine, settings
     add_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.body_limit())
     if settings.api_key is not None:
         app.add_middleware(KeyCheck, api_key=settings.api_key)
 
@@ -194,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-image-bytes", type=int, default=limits.max_bytes, help="largest image (64 MiB)")
     parser.add_argument("--max-image-pixels", type=int, default=limits.max_pixels, help="largest width * height")
     parser.add_argument("--max-aspect-ratio", type=float, default=limits.max_aspect_ratio, help="long / short side")
+    parser.add_argument("--max-body-bytes", type=int, help="largest request body (default: one largest image as "
+                        "base64 + 1 MiB); larger: 413")  # fmt: skip
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.add_argument("--debug", action="store_true", help=f"the traceback of a startup error (or {DEBUG_ENV}=1)")
     return parser
@@ -224,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
         ("--max-batch", args.max_batch),
         ("--max-queue", args.max_queue),
         ("--max-tokens", args.max_tokens),
+        ("--max-body-bytes", 1 if args.max_body_bytes is None else args.max_body_bytes),
     ]:
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
@@ -249,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             image_timeout=args.timeout,
             image_limits=limits,
+            max_body_bytes=args.max_body_bytes,
         )
         app = create_app(generator, settings)
         host, port = sock.getsockname()[:2]

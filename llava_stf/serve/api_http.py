@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .engine import Job, Result
 from .openai_schema import ApiError, chunk, usage
@@ -124,6 +124,49 @@ class KeyCheck:
                 await JSONResponse(error.body(), error.status)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets a 413 before anything parses it.
+
+    A declared ``Content-Length`` is checked first; a chunked upload is read up to the limit (the app would read it
+    all anyway to parse the JSON) and replayed to the app as one message, so later ``receive`` calls still report a
+    client disconnect.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self.refuse(scope, receive, send)
+            return
+        chunks, size, message = [], 0, {"more_body": True}
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: let the app see it
+                replayed = iter([message])
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self.refuse(scope, receive, send)
+                return
+        else:
+            replayed = iter([{"type": "http.request", "body": b"".join(chunks), "more_body": False}])
+
+        async def replay() -> Message:
+            return next(replayed, None) or await receive()
+
+        await self.app(scope, replay, send)
+
+    async def refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = ApiError(413, f"the request body is larger than {self.max_bytes} bytes", code="request_too_large")
+        await JSONResponse(error.body(), error.status)(scope, receive, send)
 
 
 def add_error_handlers(app: FastAPI) -> None:

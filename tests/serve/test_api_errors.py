@@ -159,3 +159,24 @@ def test_validation_errors_name_the_parameter_as_openai_does() -> None:
     ]
     error = validation_error(errors)  # the deepest error; union branches and role tags left out of the name
     assert (error.status, error.param, error.message) == (400, "messages[0].content[0]", "messages[0].content[0]: bad")
+
+
+def test_a_body_over_the_limit_is_refused_with_413_whether_its_length_is_declared_or_streamed(serve_checkpoint):
+    """Bodies larger than ``max_body_bytes`` never reach the JSON parser: a declared Content-Length or the bytes of a
+    chunked upload decide; the error is OpenAI-style JSON and the server still answers afterwards."""
+    big = {**body(), "padding": "x" * 5000}
+    with running(Generator.from_pretrained(serve_checkpoint, "cpu"), max_body_bytes=2000) as (base, _):
+        declared = httpx.post(f"{base}/v1/chat/completions", json=big, timeout=TIMEOUT)
+
+        def chunks():
+            payload = httpx.Request("POST", base, json=big).content
+            for i in range(0, len(payload), 512):
+                yield payload[i : i + 512]
+
+        streamed = httpx.post(f"{base}/v1/chat/completions", content=chunks(), timeout=TIMEOUT)
+        small = httpx.post(f"{base}/v1/chat/completions", json=body(), timeout=TIMEOUT)
+    for response in (declared, streamed):
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert "2000 bytes" in error["message"] and error["code"] == "request_too_large"
+    assert small.status_code == 200 and small.json()["choices"][0]["message"]["content"] is not None
