@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-chat", action="store_true", help="skip the chat answer")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    files = {key: getattr(args, f"{key}_file") for key in FILES}
-    if args.data is None and any(files.values()):
+    args.files = {key: getattr(args, f"{key}_file") for key in FILES}  # None: the default name
+    if args.data is None and any(args.files.values()):
         parser.error("--pretrain-file, --finetune-file, --questions and --answers name files of --data DIR")
     if args.out is None:
         args.out = DEFAULT_OUT if args.data is None else DEFAULT_OUT / "worlds" / (args.data.resolve().name or "data")
@@ -142,8 +142,7 @@ def demo(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     settings = dataclasses.replace(FAST if args.fast else DemoSettings(), seed=args.seed, projector_type=args.projector)
     name = f"{args.projector}-seed{args.seed}" + ("-fast" if args.fast else "")
-    files = {key: getattr(args, f"{key}_file", None) for key in FILES}
-    report = run_pipeline(args.out, settings, name=name, progress=not args.no_progress, data=args.data, files=files)
+    report = run_pipeline(args.out, settings, name, not args.no_progress, data=args.data, files=args.files)
     chat = None if args.no_chat else chat_once(report)
     print(summary(report, chat), flush=True)
     return 0

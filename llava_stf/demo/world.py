@@ -33,6 +33,7 @@ from ..eval.benchmarks.vqa import read_ground_truth
 # The files of a user world, relative to DIR unless given as absolute paths (flag name -> default).
 FILES = {"pretrain": "pretrain.json", "finetune": "finetune.json", "questions": "eval/questions.jsonl",
          "answers": "eval/answers.jsonl"}  # fmt: skip
+ANSWER_TOKENS = 16  # generation limit, as the synthetic benchmark's: exact-match answers are a few words
 GRID = 8  # patches per side: the tower's patch size is image_size // 8, the 8 x 8 grid of the demo's 64-px world
 
 
@@ -57,7 +58,8 @@ class World:
         eval_dir = self.staged / "eval"
         return ["--benchmark", "vqa", "--questions", str(eval_dir / f"{split}.jsonl"), "--image-folder",
                 str(self.staged if blank else self.root), "--ground-truth",
-                str(eval_dir / f"{split.replace('questions', 'answers')}.jsonl")]  # fmt: skip
+                str(eval_dir / f"{split.replace('questions', 'answers')}.jsonl"),
+                "--max-new-tokens", str(ANSWER_TOKENS)]  # fmt: skip
 
 
 def generated_world(folder: Path, image_size: int) -> World:
@@ -89,10 +91,11 @@ def _conversations(path: Path) -> list[dict[str, Any]]:
         records = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(records, list) or not records:
+        raise UserError(f"{path}: expected a non-empty JSON list of LLaVA records")
     bad = [i for i, r in enumerate(records) if not isinstance(r, dict) or not r.get("conversations")]
-    if not isinstance(records, list) or not records or bad:
-        raise UserError(f"{path}: expected a non-empty JSON list of LLaVA records with 'conversations'"
-                        + (f" (record {bad[0]} has none)" if isinstance(records, list) and bad else ""))  # fmt: skip
+    if bad:
+        raise UserError(f"{path}: {len(bad)} record(s) without 'conversations', e.g. record {bad[0]}")
     return records
 
 

@@ -141,6 +141,13 @@ def test_a_missing_folder_or_file_is_one_line(world, capsys) -> None:
     )
 
 
+def test_file_flags_need_a_data_folder(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "out"), "--questions", "q.jsonl"])
+    assert exit_.value.code == 2 and "name files of --data DIR" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_images_mixed_sizes_and_stray_answers_are_one_line(world, capsys) -> None:
     (world / "pics" / "tile001.png").unlink()
     assert _error(capsys, world) == (
