@@ -224,14 +224,15 @@ def generate(out: Path, num_train: int = 1000, num_eval: int = 200, image_size: 
     return {"pretrain": len(pretrain), "instruct": len(instruct), "eval_questions": len(eval_q), "images": len(scenes)}
 
 
-def write_blank_split(out: Path, image_size: int) -> Path:
+def write_blank_split(out: Path, image_size: int, color: tuple[int, int, int] = BACKGROUND) -> Path:
     """Write the blank-image control of ``out/eval/questions.jsonl``: every question with its image replaced by one
     background-only canvas (``images/blank.png``), into ``eval/questions_blank.jsonl`` + ``eval/answers_blank.jsonl``
     (same ids and answers). Accuracy there is what a model gets without looking, so accuracy on the real split minus
     this is what it reads from the image. Rewrites the files from the current eval split; returns the question file.
+    ``color``: the canvas (another world's background: the demo's ``--data``).
     """
     questions = [json.loads(line) for line in (out / "eval" / "questions.jsonl").read_text().splitlines()]
-    Image.new("RGB", (image_size, image_size), BACKGROUND).save(out / "images" / "blank.png")
+    Image.new("RGB", (image_size, image_size), color).save(out / "images" / "blank.png")
     rows = "".join(json.dumps({**q, "image": "images/blank.png"}) + "\n" for q in questions)
     (out / "eval" / f"{BLANK_SPLIT}.jsonl").write_text(rows)
     answers = (out / "eval" / "answers.jsonl").read_text()

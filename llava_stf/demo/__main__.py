@@ -7,6 +7,12 @@ short summary (accuracy per question family next to the same model's accuracy wi
 FLOPs). A second run reuses every valid step (see ``pipeline``). ``--fast`` is a seconds-scale configuration for
 tests (its numbers mean nothing).
 
+``python -m llava_stf.demo --data DIR [--out playground/demo/worlds/<DIR's name>]`` runs the same recipe on any
+LLaVA-format folder: ``pretrain.json`` (caption conversations), ``finetune.json`` (instruction conversations), images
+named relative to DIR, ``eval/questions.jsonl`` and ``eval/answers.jsonl`` (scored per ``category``);
+``--pretrain-file``, ``--finetune-file``, ``--questions`` and ``--answers`` name other files (relative to DIR or
+absolute). DIR is only read; its image size sets the tower's (see ``world``).
+
 ``python -m llava_stf.demo compare [--seeds 0 1] [--projectors ...]`` trains the six projectors under the same
 budget and seeds and writes ``results.md``, ``results.csv`` and ``results.png`` (see ``compare``).
 
@@ -29,26 +35,28 @@ from pathlib import Path
 
 from ..errors import UserError, add_debug_flag, run_main
 from .pipeline import FAST, DemoSettings, RunReport, format_loss, run_pipeline
+from .world import FILES
 
 DEFAULT_OUT = Path("playground/demo")
 
 
-def chat_once(report: RunReport, data: Path) -> tuple[str, str, str]:
+def chat_once(report: RunReport) -> tuple[str, str, str]:
     """Ask the trained checkpoint one held-out question about its image; returns (question, answer, expected)."""
     from ..data.images import ImageLimits, load_image
     from ..eval.answers import read_jsonl
     from ..generation import GenerationSettings, Generator, load_checkpoint
     from ..serve.chat import ChatSession
 
-    questions = read_jsonl(data / "eval" / "questions.jsonl")
-    answers = {a["question_id"]: a["answer"] for a in read_jsonl(data / "eval" / "answers.jsonl")}
-    q = next((q for q in questions if q["category"] == "color"), questions[0])
+    world = report.world
+    questions = read_jsonl(world.questions)
+    answers = {str(a["question_id"]): a["answer"] for a in read_jsonl(world.answers)}
+    q = next((q for q in questions if q.get("category") == "color"), questions[0])
     session = ChatSession(
         Generator(*load_checkpoint(report.checkpoint)),
-        load_image(data / q["image"], ImageLimits())[0],  # the one image policy, as training and evaluation
+        load_image(world.root / q["image"], ImageLimits())[0],  # the one image policy, as training and evaluation
         GenerationSettings(max_new_tokens=16),
     )
-    return q["text"].split("\n")[0], session.ask(q["text"]), answers[q["question_id"]]
+    return q["text"].split("\n")[0], session.ask(q["text"]), answers[str(q["question_id"])]
 
 
 def summary(report: RunReport, chat: tuple[str, str, str] | None) -> str:
@@ -73,9 +81,13 @@ def summary(report: RunReport, chat: tuple[str, str, str] | None) -> str:
     return "\n".join(lines)
 
 
-def check_arguments(out: Path, projector: str) -> None:
-    """One-line errors for an ``--out`` that cannot be a folder and an unknown ``--projector``, before any work."""
+def check_arguments(out: Path, projector: str, data: Path | None = None) -> None:
+    """One-line errors for an ``--out`` that cannot be a folder or lies inside ``--data`` (which is never written)
+    and an unknown ``--projector``, before any work."""
     from ..model.projectors import PROJECTORS
+
+    if data is not None and out.resolve().is_relative_to(data.resolve()):
+        raise UserError(f"--out {out} is inside --data {data}: the demo never writes into the data folder")
 
     in_the_way = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if in_the_way is not None:
@@ -95,7 +107,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_main(lambda: oracle_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m llava_stf.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="artifact folder (default: playground/demo)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="artifact folder (default: playground/demo; with --data: playground/demo/worlds/<DIR's name>)",
+    )
+    parser.add_argument("--data", type=Path, help="a LLaVA-format folder to learn instead of the generated world")
+    for key, default in FILES.items():
+        flag = f"--{key}-file" if key in ("pretrain", "finetune") else f"--{key}"
+        parser.add_argument(flag, type=Path, dest=f"{key}_file", help=f"with --data: relative to DIR or absolute "
+                            f"(default: {default})")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="training seed (the generated world stays seed 0)")
     parser.add_argument("--fast", action="store_true", help="seconds-scale settings for tests (numbers are noise)")
     parser.add_argument("--projector", default="mbtf_stf", help="projector registry name (default: mbtf_stf)")
@@ -103,11 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-chat", action="store_true", help="skip the chat answer")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    args.files = {key: getattr(args, f"{key}_file") for key in FILES}  # None: the default name
+    if args.data is None and any(args.files.values()):
+        parser.error("--pretrain-file, --finetune-file, --questions and --answers name files of --data DIR")
+    if args.out is None:
+        args.out = DEFAULT_OUT if args.data is None else DEFAULT_OUT / "worlds" / (args.data.resolve().name or "data")
     return run_main(lambda: demo(args), args.debug)
 
 
 def demo(args: argparse.Namespace) -> int:
-    check_arguments(args.out, args.projector)
+    check_arguments(args.out, args.projector, args.data)
     os.environ.setdefault("WANDB_MODE", "disabled")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
@@ -116,8 +142,8 @@ def demo(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     settings = dataclasses.replace(FAST if args.fast else DemoSettings(), seed=args.seed, projector_type=args.projector)
     name = f"{args.projector}-seed{args.seed}" + ("-fast" if args.fast else "")
-    report = run_pipeline(args.out, settings, name=name, progress=not args.no_progress)
-    chat = None if args.no_chat else chat_once(report, args.out / "synthetic")
+    report = run_pipeline(args.out, settings, name, not args.no_progress, data=args.data, files=args.files)
+    chat = None if args.no_chat else chat_once(report)
     print(summary(report, chat), flush=True)
     return 0
 

@@ -20,13 +20,19 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 logger = logging.getLogger(__name__)
 
 
-def world_documents(data: Path) -> list[str]:
+def world_documents(pretrain: Path, finetune: Path) -> list[str]:
     """The LLM's text corpus: every caption alone, and every instruction record as one document, preceded by the
     caption of its scene when it has one (so the LLM learns to answer from a described scene, as a pre-trained LLM
-    can, before the projector must learn to describe the scene to it). ``<image>`` tags are removed."""
-    captions = {r["image"]: r["conversations"][1]["value"] for r in json.loads((data / "pretrain.json").read_text())}
+    can, before the projector must learn to describe the scene to it). ``<image>`` tags are removed.
+
+    Args:
+        pretrain: LLaVA caption records (the caption: the first ``gpt`` turn of each record with an image).
+        finetune: LLaVA instruction records (any number of turns; text-only records stand alone).
+    """
+    captions = {r["image"]: next(t["value"] for t in r["conversations"] if t["from"] == "gpt")
+                for r in json.loads(pretrain.read_text()) if r.get("image")}  # fmt: skip
     docs = list(captions.values())
-    for record in json.loads((data / "instruct.json").read_text()):
+    for record in json.loads(finetune.read_text()):
         turns = "\n".join(t["value"].replace("<image>", "").strip() for t in record["conversations"])
         docs.append(f"{captions[record['image']]}\n{turns}" if record.get("image") in captions else turns)
     return docs

@@ -13,6 +13,11 @@ folder (default ``playground/demo``)::
     results/<run>-blank/   the same checkpoint on the blank-image control (every question asked about a blank
                        canvas: what the model answers without looking); answers in model_answers/questions_blank/
 
+With ``--data DIR`` (``run_pipeline(..., data=DIR)``) the world is the user's folder, read only (``world``), and
+``synthetic/`` is replaced by ``data/``: copies of the question and answer files, the blank-image control and
+``demo_data.json`` (the digests the steps key on); evaluation uses the ``vqa`` benchmark, whose answers land in
+``data/eval/answers/<split>/``. The default ``--out`` is then ``playground/demo/worlds/<DIR's name>``.
+
 Reuse: each step writes a marker file after it succeeds, holding its settings and the digest of the markers it
 depends on. A later run reuses a step when its marker equals what it would write now (for a training stage: the
 resolved run configuration of ``llava_stf.train.run`` compared with ``config_differences``, ignoring logging keys,
@@ -27,7 +32,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +43,7 @@ from ..testing import _CORPUS, tiny_text_config, tiny_tokenizer
 from .llm import pretrain_text, world_documents
 from .vision import MARKER as VISION_MARKER
 from .vision import VisionSettings, pretrain_vision_tower
+from .world import World, generated_world, load_world, patch_size
 
 if TYPE_CHECKING:
     from ..eval.__main__ import LazyGenerator
@@ -112,18 +118,18 @@ def prepare_data(out: Path, s: DemoSettings) -> Path:
     return folder
 
 
-def prepare_llm(out: Path, data: Path, s: DemoSettings, progress: bool = False) -> Path:
+def prepare_llm(out: Path, world: World, s: DemoSettings, progress: bool = False) -> Path:
     """A tiny Llama (random init, one per seed) + a BPE tokenizer trained on the world's text, pre-trained on that
     text (``llm.pretrain_text``, the demo's Vicuna) and saved as an ordinary checkpoint in ``out/llm-seed<seed>``."""
     folder = out / f"llm-seed{s.seed}"
     marker = folder / "demo_llm.json"
     wanted = {"hidden": s.llm_hidden, "layers": s.llm_layers, "vocab": s.vocab_size, "seed": s.seed,
               "pretrain_steps": s.llm_pretrain_steps, "pretrain_lr": s.llm_pretrain_lr, "corpus": "captioned-v1",
-              "data": digest(data / "demo_data.json")}  # fmt: skip
+              "data": world.keys["text"]}  # fmt: skip
     if _cached(marker, wanted):
         return folder
-    texts = [t["value"].replace("<image>", "") for name in ("pretrain.json", "instruct.json")
-             for r in json.loads((data / name).read_text()) for t in r["conversations"]]  # fmt: skip
+    texts = [t["value"].replace("<image>", "") for path in (world.pretrain, world.finetune)
+             for r in json.loads(path.read_text()) for t in r["conversations"]]  # fmt: skip
     tokenizer = tiny_tokenizer(s.vocab_size, corpus=_CORPUS + texts, with_image_token=False, with_pad_token=False)
     import torch
 
@@ -137,7 +143,8 @@ def prepare_llm(out: Path, data: Path, s: DemoSettings, progress: bool = False) 
         max_position_embeddings=1024,
     )
     model = LlamaForCausalLM(config)
-    loss = pretrain_text(model, tokenizer, world_documents(data), s.llm_pretrain_steps, s.llm_pretrain_lr, seed=s.seed,
+    documents = world_documents(world.pretrain, world.finetune)
+    loss = pretrain_text(model, tokenizer, documents, s.llm_pretrain_steps, s.llm_pretrain_lr, seed=s.seed,
                          progress=progress)  # fmt: skip
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -145,7 +152,7 @@ def prepare_llm(out: Path, data: Path, s: DemoSettings, progress: bool = False) 
     return folder
 
 
-def stage_argv(stage: str, out_dir: Path, towers: tuple[Path, Path], data: Path, s: DemoSettings,
+def stage_argv(stage: str, out_dir: Path, towers: tuple[Path, Path], world: World, s: DemoSettings,
                projector: Path | None, progress: bool) -> list[str]:  # fmt: skip
     """Command-line flags of ``llava_stf.train.run`` for one demo stage (CPU-sized, no checkpoints mid-run)."""
     first = stage == "pretrain"
@@ -154,8 +161,8 @@ def stage_argv(stage: str, out_dir: Path, towers: tuple[Path, Path], data: Path,
         "vision_tower": towers[0],
         "llm": towers[1],
         "projector_type": s.projector_type,
-        "data_path": data / ("pretrain.json" if first else "instruct.json"),
-        "image_folder": data,
+        "data_path": world.pretrain if first else world.finetune,
+        "image_folder": world.root,
         "output_dir": out_dir,
         "pretrained_projector": None if first else projector,
         "model_max_length": s.max_length,
@@ -213,19 +220,19 @@ class RunReport:
     train_loss: dict[str, float | None]
     reused: dict[str, bool]
     blank_metrics: dict[str, Any]  # the same checkpoint on the blank-image control (``write_blank_split``)
+    world: World  # the data it learned and was evaluated on
 
 
-def evaluate(model: LazyGenerator, out: Path, name: str, s: DemoSettings, progress: bool,
-             split: str = "questions") -> dict[str, Any]:  # fmt: skip
-    """The ``synthetic`` benchmark's ``split`` through the evaluation engine; ``model`` loads the checkpoint on first
-    use, once for all splits. Answers saved under ``name`` by another checkpoint (or with other questions or
-    settings) are answered again, not resumed."""
+def evaluate(model: LazyGenerator, out: Path, name: str, s: DemoSettings, progress: bool, world: World,
+             blank: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The world's held-out questions (``blank``: its blank-image control) through the evaluation engine
+    (``World.eval_argv``); ``model`` loads the checkpoint on first use, once for all splits. Answers saved under
+    ``name`` by another checkpoint (or with other questions or settings) are answered again, not resumed."""
     from ..eval.__main__ import evaluate as run_eval
     from ..eval.__main__ import parse_args
 
-    argv = ["--benchmark", "synthetic", "--model-path", str(model.model_path), "--model-id", name, "--data-root",
-            str(out), "--results-dir", str(out / "results"), "--batch-size", str(s.eval_batch_size),
-            "--split", split]  # fmt: skip
+    argv = ["--model-path", str(model.model_path), "--model-id", name, "--data-root", str(out), "--results-dir",
+            str(out / "results"), "--batch-size", str(s.eval_batch_size), *world.eval_argv(blank)]  # fmt: skip
     args = parse_args(argv + ["--no-progress"] * (not progress))
     [(_, result)] = run_eval(args, model, replace_stale=True)
     return dict(result.metrics)
@@ -235,8 +242,13 @@ def format_loss(loss: float | None) -> str:
     return "n/a" if loss is None else f"{loss:.3f}"
 
 
-def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool = True) -> RunReport:
-    """Data, vision tower, LLM, both stages and the evaluation of one model; reuses every valid step."""
+def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool = True,
+                 data: Path | None = None, files: dict[str, Path | None] | None = None) -> RunReport:  # fmt: skip
+    """Data, vision tower, LLM, both stages and the evaluation of one model; reuses every valid step.
+
+    ``data``: a LLaVA-format folder of one's own instead of the generated world (``files``: its file names, see
+    ``world.FILES``); its image size sets the tower's (``s.image_size`` and ``s.vision`` are replaced).
+    """
     from ..eval.__main__ import LazyGenerator
     from ..flops import count_flops
     from ..generation import default_device
@@ -249,24 +261,30 @@ def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool 
     def say(i: int, text: str) -> None:
         print(f"[{i}/{len(steps)}] {steps[i - 1]}: {text} ({time.perf_counter() - clock:.0f} s)", flush=True)
 
-    data = prepare_data(out, s)
-    say(1, f"{data}")
-    vision = pretrain_vision_tower(data, out / "vision", s.vision, progress=progress)
+    if data is None:
+        world = generated_world(prepare_data(out, s), s.image_size)
+        say(1, f"{world.root}")
+    else:
+        world = load_world(data.resolve(), out / "data", files or {})
+        size = world.image_size
+        s = replace(s, image_size=size, vision=replace(s.vision, image_size=size, patch_size=patch_size(size)))
+        say(1, f"{world.root} ({size} px images; questions and blank control staged in {world.staged})")
+    vision = pretrain_vision_tower(world, out / "vision", s.vision, progress=progress)
     say(2, f"{vision}")
-    llm = prepare_llm(out, data, s, progress=progress)
+    llm = prepare_llm(out, world, s, progress=progress)
     say(3, f"{llm}")
-    ups = [digest(data / "demo_data.json"), digest(vision / VISION_MARKER), digest(llm / "demo_llm.json")]
-    argv1 = stage_argv("pretrain", out / name / "stage1", (vision, llm), data, s, None, progress)
+    ups = [world.keys["train"], digest(vision / VISION_MARKER), digest(llm / "demo_llm.json")]
+    argv1 = stage_argv("pretrain", out / name / "stage1", (vision, llm), world, s, None, progress)
     stage1, rec1, reused1 = train_stage(argv1, ups)
     say(4, f"{'reused' if reused1 else 'trained'} {stage1} (loss {format_loss(rec1['train_loss'])})")
-    argv2 = stage_argv("finetune", out / name / "stage2", (vision, llm), data, s, stage1, progress)
+    argv2 = stage_argv("finetune", out / name / "stage2", (vision, llm), world, s, stage1, progress)
     stage2, rec2, reused2 = train_stage(argv2, [*ups, digest(stage1 / "demo_stage.json")])
     say(5, f"{'reused' if reused2 else 'trained'} {stage2} (loss {format_loss(rec2['train_loss'])})")
     model = LazyGenerator(stage2, default_device(), None)
-    metrics = evaluate(model, out, name, s=s, progress=progress)
-    if not (data / "eval" / f"{BLANK_SPLIT}.jsonl").is_file():  # a world generated before the control existed
-        write_blank_split(data, s.image_size)
-    blank = evaluate(model, out, f"{name}-blank", s=s, progress=progress, split=BLANK_SPLIT)
+    metrics = evaluate(model, out, name, s=s, progress=progress, world=world)
+    if world.staged is None and not (world.root / "eval" / f"{BLANK_SPLIT}.jsonl").is_file():
+        write_blank_split(world.root, s.image_size)  # a world generated before the control existed
+    blank = evaluate(model, out, f"{name}-blank", s=s, progress=progress, world=world, blank=True)
     say(6, f"accuracy {metrics['accuracy']:.1f}% on {metrics['questions']} questions "
            f"({blank['accuracy']:.1f}% with a blank image)")  # fmt: skip
     config = load_config(stage2)
@@ -281,6 +299,7 @@ def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool 
         train_loss={"stage1": rec1["train_loss"], "stage2": rec2["train_loss"]},
         reused={"stage1": reused1, "stage2": reused2},
         blank_metrics=blank,
+        world=world,
     )
 
 

@@ -1,10 +1,11 @@
 """A small but real vision tower for the demo: a tiny CLIP trained contrastively on generated images and captions.
 
 The paper's premise is a frozen, pre-trained encoder; a randomly initialised tower would make every projector
-comparison meaningless. This trains a tiny CLIP (image and text towers) with the CLIP loss on the synthetic world's
-captions for a few hundred steps, then saves it as an ordinary CLIP checkpoint (plus its image processor), so the
-demo's builder loads it exactly like ``openai/clip-vit-large-patch14-336``. The result is cached: a folder whose
-``demo_vision.json`` matches the requested settings and data is reused.
+comparison meaningless. This trains a tiny CLIP (image and text towers) with the CLIP loss on the world's captions
+(the generated world's, or the caption file of ``--data``, see ``world``) for a few hundred steps, then saves it as
+an ordinary CLIP checkpoint (plus its image processor), so the demo's builder loads it exactly like
+``openai/clip-vit-large-patch14-336``. The result is cached: a folder whose ``demo_vision.json`` matches the
+requested settings and data is reused.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
 from ..testing import tiny_tokenizer
+from .world import World
 
 logger = logging.getLogger(__name__)
 MARKER = "demo_vision.json"
@@ -28,8 +30,8 @@ MARKER = "demo_vision.json"
 
 @dataclass(frozen=True)
 class VisionSettings:
-    image_size: int = 64  # must match the generated images
-    patch_size: int = 8  # 8 x 8 patch grid at 64 px
+    image_size: int = 64  # must match the world's images (``--data``: read from them)
+    patch_size: int = 8  # 8 x 8 patch grid at 64 px (``--data``: image_size // 8, ``world.patch_size``)
     hidden_size: int = 64  # vision width
     num_layers: int = 9  # deep enough for the default 8-block MBTF
     steps: int = 100  # ~50 s on a 2-core CPU (200 steps: ~100 s for a slightly lower CLIP loss)
@@ -63,22 +65,21 @@ def _clip_config(settings: VisionSettings, vocab_size: int) -> CLIPConfig:
     return CLIPConfig(vision_config=vision, text_config=text, projection_dim=64)
 
 
-def _fingerprint(data_dir: Path) -> str:
-    pretrain = data_dir / "pretrain.json"
-    return f"{pretrain.stat().st_size}:{len(json.loads(pretrain.read_text()))}"
-
-
 def pretrain_vision_tower(
-    data_dir: Path, out_dir: Path, settings: VisionSettings = VisionSettings(), progress: bool = False
+    world: World, out_dir: Path, settings: VisionSettings = VisionSettings(), progress: bool = False
 ) -> Path:
-    """Train (or reuse) the tiny CLIP on ``data_dir/pretrain.json`` captions; returns the checkpoint folder."""
+    """Train (or reuse) the tiny CLIP on the captioned images of ``world.pretrain``; returns the checkpoint folder.
+
+    The caption of a record is its first ``gpt`` turn; records without an image are left out. Reused when the marker
+    holds the same settings and ``world.keys["captions"]`` (the content of the caption file and its images).
+    """
     marker = out_dir / MARKER
-    wanted = {"settings": asdict(settings), "data": _fingerprint(data_dir)}
+    wanted = {"settings": asdict(settings), "data": world.keys["captions"]}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         logger.info("reusing the pre-trained vision tower in %s", out_dir)
         return out_dir
-    records = json.loads((data_dir / "pretrain.json").read_text())
-    captions = [r["conversations"][1]["value"] for r in records]
+    records = [r for r in json.loads(world.pretrain.read_text()) if r.get("image")]
+    captions = [next(t["value"] for t in r["conversations"] if t["from"] == "gpt") for r in records]
     tokenizer = tiny_tokenizer(vocab_size=512, corpus=captions)
     processor = CLIPImageProcessorPil(
         size={"shortest_edge": settings.image_size},
@@ -86,7 +87,7 @@ def pretrain_vision_tower(
     )
     torch.manual_seed(settings.seed)
     model = CLIPModel(_clip_config(settings, len(tokenizer))).train()
-    pixels = processor([Image.open(data_dir / r["image"]).convert("RGB") for r in records], return_tensors="pt")
+    pixels = processor([Image.open(world.root / r["image"]).convert("RGB") for r in records], return_tensors="pt")
     pixels = pixels["pixel_values"]
     text = tokenizer(captions, padding=True, truncation=True, max_length=96, return_tensors="pt")
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)

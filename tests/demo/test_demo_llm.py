@@ -28,7 +28,7 @@ def _world(tmp_path):
 
 
 def test_world_documents_put_the_scene_caption_before_its_questions(tmp_path) -> None:
-    docs = world_documents(_world(tmp_path))
+    docs = world_documents(_world(tmp_path) / "pretrain.json", tmp_path / "instruct.json")
     assert docs == ["There is a red circle.", "There is a red circle.\nWhat color?\nred", "One plus one?\nTwo."]
     assert not any("<image>" in d for d in docs)
 
