@@ -124,11 +124,20 @@ class _Rows(StoppingCriteria):
             if self.done_at[row] is not None:
                 continue
             job.generated += 1
-            ended = last[row] in self.generator.eos_token_ids or self.texts[row].stopped
+            ended = last[row] in self.generator.eos_token_ids or self._stop_seen(input_ids, row)
             if ended or job.cancelled or job.generated >= job.max_tokens:
                 self.done_at[row] = self.steps
         self._close_ready()
         return torch.tensor([d is not None for d in self.done_at], dtype=torch.bool, device=input_ids.device)
+
+    def _stop_seen(self, input_ids: torch.LongTensor, row: int) -> bool:
+        """Whether the row's text so far holds a stop string, decoded from ``input_ids`` ``[B, T + n]`` itself: the
+        text streamer holds a word back until the next token, so waiting for it would generate one token too many."""
+        stops = self.jobs[row].stops
+        if not stops:
+            return False
+        text = self.generator.tokenizer.decode(input_ids[row, -self.steps :].tolist(), skip_special_tokens=True)
+        return any(stop in text.lstrip() for stop in stops)
 
     def _close_ready(self) -> None:
         for row, step in enumerate(self.done_at):

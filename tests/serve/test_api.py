@@ -168,6 +168,18 @@ def test_stop_sequences_cut_the_answer_streamed_or_not(server, generator) -> Non
     assert streamed == expected
 
 
+def test_a_stop_string_ends_generation_at_the_token_that_completes_it(server, generator) -> None:
+    """``completion_tokens`` is the shortest prefix whose text holds the stop string: no token is generated after it
+    (the text streamer holds a word back until the next token, so the stop must not wait for the streamer)."""
+    request = Request.single("Describe the image briefly.")
+    full = reference(generator, request, 12)
+    stop = next(full[i : i + 2] for i in range(2, len(full) - 2) if full[i : i + 2].strip() == full[i : i + 2])
+    shortest = next(k for k in range(1, 13) if stop in reference(generator, request, k))
+    kwargs = {"model": MODEL, "messages": [user("Describe the image briefly.")], "max_tokens": 12, "stop": [stop]}
+    reply = client(server[0]).chat.completions.create(**kwargs)
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens == shortest
+
+
 def test_seeded_sampling_repeats_and_matches_the_generator(server, generator) -> None:
     api = client(server[0])
     kwargs = {"model": MODEL, "messages": [user("Hi there")], "max_tokens": 8, "temperature": 0.9, "seed": 5}
