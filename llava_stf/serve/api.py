@@ -72,6 +72,7 @@ class ApiSettings:
     max_tokens: int = 1024  # the largest max_tokens a request may ask for (used when given a Generator)
     image_timeout: float = DEFAULT_TIMEOUT  # seconds for an image URL download
     image_limits: ImageLimits = field(default_factory=ImageLimits)
+    image_urls: bool = True  # fetch http(s) image URLs (False: data: URIs only, no outgoing requests)
     retry_after: int = 1  # seconds, sent with a 429
     max_body_bytes: int | None = None  # larger request bodies get a 413; None: one largest image in base64 + 1 MiB
 
@@ -162,7 +163,7 @@ def prepare(engine: ServeEngine, settings: ApiSettings, body: ChatCompletionRequ
     image = None
     if conversation.image_url is not None:
         url, param = conversation.image_url, conversation.image_param or "messages"
-        image = load_image(url, param, settings.image_timeout, settings.image_limits)
+        image = load_image(url, param, settings.image_timeout, settings.image_limits, settings.image_urls)
     request, system = engine.request(conversation, image)
     text_tokens, image_tokens = engine.prompt_tokens(request, system)
     param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
@@ -202,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-image-bytes", type=int, default=limits.max_bytes, help="largest image (64 MiB)")
     parser.add_argument("--max-image-pixels", type=int, default=limits.max_pixels, help="largest width * height")
     parser.add_argument("--max-aspect-ratio", type=float, default=limits.max_aspect_ratio, help="long / short side")
+    parser.add_argument("--no-image-urls", action="store_true", help="refuse http(s) image URLs (data: URIs "
+                        "only): the server makes no request to other hosts")  # fmt: skip
     parser.add_argument("--max-body-bytes", type=int, help="largest request body (default: one largest image as "
                         "base64 + 1 MiB); larger: 413")  # fmt: skip
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -261,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
             image_timeout=args.timeout,
             image_limits=limits,
             max_body_bytes=args.max_body_bytes,
+            image_urls=not args.no_image_urls,
         )
         app = create_app(generator, settings)
         host, port = sock.getsockname()[:2]

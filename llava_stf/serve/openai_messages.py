@@ -98,16 +98,28 @@ def _clean(text: str, special_tokens: Sequence[str]) -> str:
     return text.strip()
 
 
-def load_image(url: str, param: str, timeout: float, limits: ImageLimits) -> Image.Image:
+def load_image(url: str, param: str, timeout: float, limits: ImageLimits, fetch_urls: bool = True) -> Image.Image:
     """The image at ``url`` (``http(s)://`` or a base64 ``data:image/...`` URI) as RGB.
+
+    Args:
+        fetch_urls: ``False``: refuse ``http(s)://`` URLs without any request (the server then never connects to
+            other hosts on a client's behalf).
 
     Raises:
         ApiError: 400 for another scheme, a malformed data URI, bad base64, bytes that are not an image, an image
-            over ``limits``, or a download that fails or times out.
+            over ``limits``, a download that fails or times out, or a URL when ``fetch_urls`` is off.
     """
     try:
         if url.startswith("data:"):
             return decode_image(_data_uri_bytes(url, param, limits), "the data URI image", limits)
+        if is_url(url) and not fetch_urls:
+            raise ApiError(
+                400,
+                f"{param}: this server does not fetch image URLs (started with --no-image-urls); send the image as a "
+                "data:image/...;base64 URI",
+                param,
+                "invalid_image_url",
+            )
         if is_url(url):
             return open_image_source(url, timeout, limits)
     except ImageSourceError as err:

@@ -200,6 +200,17 @@ def test_an_image_url_over_http_answers_as_its_bytes(server, image_server) -> No
     assert by_url == by_bytes
 
 
+def test_no_image_urls_refuses_urls_without_fetching_and_still_takes_data_uris(serve_checkpoint, image_server):
+    with running(Generator.from_pretrained(serve_checkpoint, "cpu"), image_urls=False) as (base, _):
+        api = client(base)
+        with pytest.raises(openai.BadRequestError) as refused:
+            api.chat.completions.create(model=MODEL, messages=[user(QUESTION, f"{image_server}/ok.png")], max_tokens=2)
+        reply = api.chat.completions.create(model=MODEL, messages=[user(QUESTION, IMAGE)], max_tokens=2)
+    error = refused.value.body
+    assert error["code"] == "invalid_image_url" and "does not fetch image URLs" in error["message"]
+    assert reply.choices[0].message.content is not None
+
+
 def test_models_and_health(server) -> None:
     url, app = server
     assert [m.id for m in client(url).models.list()] == [MODEL]
