@@ -10,7 +10,7 @@ from dataclasses import fields
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from host_reads import HostReads
 
 from llava_stf.model.reducers import DART, DARTParams
 from llava_stf.model.reducers.dart import rotated_keys
@@ -140,31 +140,6 @@ def test_ties_go_to_the_lower_position_as_in_the_per_row_loop(settings):
     expected = torch.stack([keep_row(dart.params, *row) if row[2].any() else row[2] for row in
                             zip(norms, unit, image, text)])  # fmt: skip
     assert torch.equal(dart.keep_image(norms, unit, image, text), expected)
-
-
-HOST_READS = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero", "argwhere", "numpy", "cpu",
-              "masked_select", "unique", "bincount", "repeat_interleave"}  # fmt: skip
-UPLOADS = {"tensor", "as_tensor"}  # host values to the device (a CUDA copy from pinned memory waits for nothing)
-
-
-class HostReads(TorchFunctionMode):
-    """Records the calls that read tensor values on the host (on a GPU each one waits for the device) and those
-    that make tensors from host values."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
-        self.uploads: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        index = args[1] if name == "__getitem__" and len(args) > 1 else None
-        masked = isinstance(index, torch.Tensor) and index.dtype == torch.bool
-        if name in HOST_READS or masked or (name == "where" and len(args) + len(kwargs or {}) == 1):
-            self.calls.append(name)
-        if name in UPLOADS:
-            self.uploads.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 def test_one_host_read_per_call(lm):

@@ -10,7 +10,7 @@ from dataclasses import fields
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
+from host_reads import HostReads
 
 from llava_stf.model import LlavaStfConfig
 from llava_stf.model.reducers import SparseVLM, SparseVLMParams
@@ -24,9 +24,6 @@ SETTINGS = [  # layers, keep per image of 64 tokens, recycle, cluster size
     dict(layers=[1, 3], keep=[60, 2], recycle=0.0),  # keep above some rows' counts; no recycling
     dict(layers=[2], keep=[10], recycle=1.0, cluster_size=1),  # every deleted token recycled, one per cluster
 ]
-HOST_READS = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero", "argwhere", "numpy", "cpu",
-              "masked_select", "unique", "bincount", "repeat_interleave"}  # fmt: skip
-UPLOADS = {"tensor", "as_tensor"}  # host values to the device (a CUDA copy from pinned memory waits for nothing)
 
 
 # ---------------------------------------- the per-row algorithm SparseVLM ran before batching: a second reference
@@ -193,26 +190,6 @@ def test_ties_go_the_same_way_as_in_the_per_row_loop(model_config, settings):
 
 def pair(chosen) -> tuple:
     return chosen if isinstance(chosen, tuple) else (chosen, None)
-
-
-class HostReads(TorchFunctionMode):
-    """Records the calls that read tensor values on the host (on a GPU each one waits for the device) and those
-    that make tensors from host values."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
-        self.uploads: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        index = args[1] if name == "__getitem__" and len(args) > 1 else None
-        masked = isinstance(index, torch.Tensor) and index.dtype == torch.bool
-        if name in HOST_READS or masked or (name == "where" and len(args) + len(kwargs or {}) == 1):
-            self.calls.append(name)
-        if name in UPLOADS:
-            self.uploads.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 def test_one_host_read_per_forward_call(lm, model_config):
