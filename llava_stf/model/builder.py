@@ -96,6 +96,7 @@ def build_processor(
         image_processor=anyres_image_processor(image_processor, config.image_grid_pinpoints),
         tokenizer=tokenizer,
         crop_grid=[grid.rows, grid.cols, grid.cell],
+        reduced_crop_tokens=config.reduced_crop_tokens,  # a vision-side reducer's per-crop budget (else None)
     )
 
 

@@ -213,7 +213,7 @@ def load_projector(model: nn.Module, path: str | Path, source: str | None = None
     """
     projector = getattr(model.model, PROJECTOR_ATTR)
     state = read_projector_file(path, model.config, source)
-    newline = getattr(model.model, NEWLINE_ATTR, None) if connector_extras(model) else None
+    newline = next(iter(connector_extras(model)), None)  # AnyRes: image_newline
     newline_state = state.pop(NEWLINE_ATTR, None) if newline is not None else None
     if newline is not None and newline_state is None:
         logger.info("%s holds no %s (a LLaVA-1.5 projector): the AnyRes model keeps a fresh one", path, NEWLINE_ATTR)

@@ -100,3 +100,21 @@ def test_an_anyres_model_refuses_a_square_or_pad_image_mode(tmp_path):
         )  # fmt: skip
     with pytest.raises(ValueError, match="multiple of the vision crop size 56"):
         build_model(str(tmp_path / "clip"), str(tmp_path / "llm"), "mbtf_stf", image_grid_pinpoints=[[56, 100]])
+
+
+def test_a_vision_reducer_budget_reaches_the_anyres_processor(tmp_path):
+    """With VisionZip at 8 tokens per crop, the built processor writes crops x 8 placeholders, as the model gives."""
+    _save_towers(tmp_path)
+    model, processor = build_model(
+        str(tmp_path / "clip"),
+        str(tmp_path / "llm"),
+        "mlp2x_gelu",
+        reducer_type="visionzip",
+        reducer_tokens=8,
+        image_grid_pinpoints=TINY_PINPOINTS,
+    )
+    assert processor.reduced_crop_tokens == model.config.reduced_crop_tokens == 8
+    image = make_image(seed=2, size=(112, 112))  # 4 tiles + the base image
+    assert processor.image_token_count(112, 112) == model.config.image_token_count(112, 112) == 5 * 8
+    with torch.no_grad():
+        model.eval()(**processor(images=[image], text=PROMPT))  # placeholders == features, or the model raises
