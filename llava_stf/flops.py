@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .model import LlavaStfConfig
 from .model.modeling_llava_stf import build_projector
-from .model.reducers import MacDims, get_reducer_class
+from .model.reducers import MacDims, get_reducer_class, layer_average, token_layers
 
 
 def decoder_layer_macs(n: int, hidden: int, ffn: int, kv_hidden: int | None = None, ffn_mats: int = 3) -> int:
@@ -71,12 +71,6 @@ def image_geometry(config: LlavaStfConfig, height: int, width: int) -> tuple[int
     """``(crops, LLM tokens)`` of one ``height x width`` image (AnyRes: tiles + base image, newlines counted)."""
     crops = config.num_crops(height, width) if config.anyres else 1  # LLaVA-1.5 resizes the image to one crop
     return crops, config.image_token_count(height, width)
-
-
-def token_layers(schedule: list[tuple[int, int]], layers: int) -> int:
-    """Sum over ``layers`` decoder layers of the tokens a schedule ``[(first_layer, tokens), ...]`` gives each."""
-    bounds = [layer for layer, _ in schedule[1:]] + [layers]
-    return sum(n * (end - start) for (start, n), end in zip(schedule, bounds))
 
 
 def kv_cache_bytes(schedule: list[tuple[int, int]], text_config, bytes_per_value: int = 2) -> int:
@@ -185,7 +179,7 @@ def count_flops(
         crops=crops,
         image_tokens=n_img,
         text_tokens=text_tokens,
-        equivalent_tokens=token_layers(schedule, layers) / layers,
+        equivalent_tokens=layer_average(schedule, layers),
         paper=2 * schedule_macs(schedule, 0, text),
         vision=2 * crops * vision_macs(config.vision_config),
         projector=2 * proj,

@@ -102,10 +102,6 @@ def build(base: LlavaStfConfig, specs: list[str], device: torch.device, dtype: t
         share_weights(model, shared)
         model.model.multi_modal_projector = build_projector(config).to(device, dtype)  # each variant's own
         model.model.multi_modal_projector.reset_parameters()
-        for name, param in list(model.named_parameters()):  # what share_weights left (NeXT's image_newline)
-            if param.is_meta:
-                owner, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(owner), leaf, shared.get_parameter(name))
         models.append((spec, config, model.eval()))
     return models
 

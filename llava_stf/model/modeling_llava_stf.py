@@ -166,14 +166,7 @@ class LlavaStfModel(StfModelHooks, LlavaStfPreTrainedModel, LlavaModel):
         for name in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name} is not supported with reducer_type '{self.config.reducer_type}'")
-        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        hidden = outputs.hidden_states
-        features = torch.cat([hidden[i][:, 1:] for i in self.config.vision_layers], dim=-1)
-        extra = {}
-        if self.reducer.needs_cls_features:  # VisionZip keeps the CLS token: its row of the same layers
-            extra["cls_features"] = torch.cat([hidden[i][:, 0] for i in self.config.vision_layers], dim=-1)
-        block = self.reducer.block_index(len(hidden) - 1)
-        tokens, valid = self.reducer(features, hidden[block], self.vision_tower.encoder.layers[block], **extra)
+        outputs, tokens, valid = self.reducer.reduce_tower(self.vision_tower, pixel_values, self.config.vision_layers)
         projected = self.multi_modal_projector(tokens[valid][None])[0]  # per-token projector, real rows only
         outputs.pooler_output = list(projected.split(valid.sum(dim=1).tolist()))
         return outputs

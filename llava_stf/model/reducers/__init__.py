@@ -18,6 +18,7 @@ from .base import (
     VisionReducer,
     check_budget,
     layer_average,
+    token_layers,
 )
 from .dart import DART, DARTParams
 from .divprune import DivPrune, DivPruneParams
@@ -122,6 +123,7 @@ __all__ = [
     "install_llm_reducer",
     "kept_image_tokens",
     "layer_average",
+    "token_layers",
     "prumerge_macs",
     "reducer_params",
 ]

@@ -151,11 +151,17 @@ class Reducer(nn.Module):
         return 0
 
 
+def token_layers(schedule: list[tuple[int, int]], depth: int) -> int:
+    """Sum over ``depth`` decoder layers of the tokens an ``llm_schedule`` ``[(first_layer, tokens), ...]`` gives
+    each: ``sum_l n_l``."""
+    bounds = [layer for layer, _ in schedule[1:]] + [depth]
+    return sum(count * (end - start) for (start, count), end in zip(schedule, bounds))
+
+
 def layer_average(schedule: list[tuple[int, int]], depth: int) -> float:
     """Image tokens of an ``llm_schedule`` averaged over the ``depth`` layers: ``sum_l n_l / L`` (the
     "equivalent tokens" of the in-LLM reducers' tables)."""
-    bounds = [layer for layer, _ in schedule[1:]] + [depth]
-    return sum(count * (end - start) for (start, count), end in zip(schedule, bounds)) / depth
+    return token_layers(schedule, depth) / depth
 
 
 def check_budget(reducer_type: str, tokens: Any, available: int) -> int:
