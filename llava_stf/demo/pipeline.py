@@ -28,7 +28,6 @@ the generation settings) matches; otherwise they are answered again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -43,7 +42,7 @@ from ..testing import _CORPUS, tiny_text_config, tiny_tokenizer
 from .llm import pretrain_text, world_documents
 from .vision import MARKER as VISION_MARKER
 from .vision import VisionSettings, pretrain_vision_tower
-from .world import World, generated_world, load_world, patch_size
+from .world import World, digest, generated_world, load_world, patch_size
 
 if TYPE_CHECKING:
     from ..eval.__main__ import LazyGenerator
@@ -89,10 +88,6 @@ FAST = DemoSettings(
     batch_size=8,
     eval_batch_size=16,
 )
-
-
-def digest(marker: Path) -> str:
-    return hashlib.sha256(marker.read_bytes()).hexdigest()[:16]
 
 
 def _cached(marker: Path, wanted: dict[str, Any]) -> bool:

@@ -29,6 +29,7 @@ from ..data.synthetic import BLANK_SPLIT, write_blank_split
 from ..errors import UserError
 from ..eval.benchmarks.base import QUESTION_FIELDS, read_records
 from ..eval.benchmarks.vqa import read_ground_truth
+from ..provenance import file_digest as content_digest
 
 # The files of a user world, relative to DIR unless given as absolute paths (flag name -> default).
 FILES = {"pretrain": "pretrain.json", "finetune": "finetune.json", "questions": "eval/questions.jsonl",
@@ -62,9 +63,14 @@ class World:
                 "--max-new-tokens", str(ANSWER_TOKENS)]  # fmt: skip
 
 
+def digest(marker: Path) -> str:
+    """The short content digest the demo's step markers record for ``marker`` (a file)."""
+    return hashlib.sha256(marker.read_bytes()).hexdigest()[:16]
+
+
 def generated_world(folder: Path, image_size: int) -> World:
     """The world ``data.synthetic.generate`` wrote to ``folder`` (its marker ``demo_data.json`` is every key)."""
-    key = hashlib.sha256((folder / "demo_data.json").read_bytes()).hexdigest()[:16]
+    key = digest(folder / "demo_data.json")
     keys = dict.fromkeys(("captions", "text", "train"), key)
     return World(folder, folder / "pretrain.json", folder / "instruct.json", folder / "eval" / "questions.jsonl",
                  folder / "eval" / "answers.jsonl", image_size, keys)  # fmt: skip
@@ -159,8 +165,8 @@ def load_world(data: Path, staged: Path, files: dict[str, Path | None]) -> World
         raise UserError(f"{data / first} is {width}x{height}: the demo's tower needs square images")
     patch_size(width)  # fails now, before any work, when no 8 x 8 grid fits
 
-    image_digest = {n: hashlib.sha256((data / n).read_bytes()).hexdigest() for n in sizes}
-    file_digest = {k: hashlib.sha256(p.read_bytes()).hexdigest() for k, p in paths.items()}
+    image_digest = {n: content_digest(data / n) for n in sizes}
+    file_digest = {k: content_digest(p) for k, p in paths.items()}
     caption_images = [image_digest[n] for n in named["pretrain"]]
     keys = {
         "captions": _digest([file_digest["pretrain"], *caption_images]),
@@ -188,4 +194,4 @@ def load_world(data: Path, staged: Path, files: dict[str, Path | None]) -> World
                  staged / "eval" / "answers.jsonl", width, keys, staged)  # fmt: skip
 
 
-__all__ = ["FILES", "GRID", "World", "generated_world", "load_world", "patch_size"]
+__all__ = ["FILES", "GRID", "World", "digest", "generated_world", "load_world", "patch_size"]
