@@ -29,6 +29,7 @@ from .model import (
     LlavaStfNextProcessor,
     LlavaStfProcessor,
 )
+from .model.builder import build_processor
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 IMAGE_TOKEN = "<image>"
@@ -227,14 +228,9 @@ def tiny_next_image_processor(
 def tiny_next_processor(
     config: LlavaStfNextConfig, tokenizer: PreTrainedTokenizerFast | None = None
 ) -> LlavaStfNextProcessor:
-    """An AnyRes processor matching ``config`` (crop size, pinpoints, the projector's per-crop grid)."""
-    grid = config.crop_grid
-    return LlavaStfNextProcessor(
-        image_processor=tiny_next_image_processor(config.crop_size, config.image_grid_pinpoints),
-        tokenizer=tokenizer or tiny_tokenizer(),
-        crop_grid=[grid.rows, grid.cols, grid.cell],
-        reduced_crop_tokens=config.reduced_crop_tokens,  # a vision-side reducer's per-crop budget (else None)
-    )
+    """An AnyRes processor matching ``config`` (crop size, pinpoints, per-crop grid, a vision reducer's budget): the
+    builder's own ``build_processor`` over the tiny CLIP preprocessing."""
+    return build_processor(config, tiny_image_processor(config.crop_size), tokenizer or tiny_tokenizer())
 
 
 def tiny_next_model(config: LlavaStfNextConfig, seed: int = 0) -> LlavaStfNextForConditionalGeneration:
