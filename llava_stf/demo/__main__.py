@@ -19,9 +19,13 @@ budget and seeds and writes ``results.md``, ``results.csv`` and ``results.png`` 
 ``python -m llava_stf.demo oracle [--out playground/demo] [--seed 0]`` asks the demo's text LLM the held-out questions
 with the true caption instead of the image: what it can do with perfect visual information (see ``oracle``).
 
+``python -m llava_stf.demo probe [--out playground/demo] [--layer -2]`` fits linear probes (colour, shape, grid
+position) on the frozen vision tower's features under each object: what the tower gives the LLM to read (see
+``probe``).
+
 Bad input (an ``--out`` that is a file, an unknown ``--projector``, an unwritable folder) is one ``error:`` line and
 exit status 1, checked before any work (``llava_stf.errors.run_main``; ``--debug`` or ``LLAVA_STF_DEBUG=1`` shows the
-traceback; the ``compare`` and ``oracle`` subcommands take ``LLAVA_STF_DEBUG=1``).
+traceback; the ``compare``, ``oracle`` and ``probe`` subcommands take ``LLAVA_STF_DEBUG=1``).
 """
 
 from __future__ import annotations
@@ -106,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         from .oracle import main as oracle_main
 
         return run_main(lambda: oracle_main(argv[1:]))
+    if argv[:1] == ["probe"]:
+        from .probe import main as probe_main
+
+        return run_main(lambda: probe_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m llava_stf.demo", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out",

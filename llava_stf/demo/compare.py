@@ -8,6 +8,10 @@ stages. Runs are cached like the demo's (the demo's own ``mbtf_stf-seed0`` run i
 projector and question family, and the same for each run's blank-image control) and ``results.png`` (accuracy
 against visual tokens and against prefill FLOPs, one panel per family; matplotlib, Agg backend). The world is not
 tuned for any projector.
+
+Trained against training-free compression: each seed's ``mlp2x_gelu`` checkpoint is also evaluated with the
+reducers of ``--reducers`` (default ``REDUCERS``) at ``--reducer-tokens`` image tokens (default: a quarter of its
+count, the budget of the 4x projectors), as rows ``mlp2x_gelu+<reducer>@<N>`` next to the trained projectors.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from ..data.synthetic import FAMILIES
-from .pipeline import FAST, DemoSettings, RunReport, run_pipeline
+from ..errors import UserError
+from .pipeline import FAST, DemoSettings, RunReport, evaluate_reduced, run_pipeline
 
 PROJECTORS = ("mlp2x_gelu", "avgpool", "token_concat", "stf", "mbtf", "mbtf_stf")
+# Training-free reducers run on the trained mlp2x_gelu checkpoints at the compressed projectors' budget: pooling and
+# random selection (the floors), and three 2025 selectors from the reducer lab (vision-side: any LLM depth works).
+REDUCERS = ("pool", "random", "visionzip", "divprune", "vispruner")
+BASE = "mlp2x_gelu"  # the uncompressed projector whose checkpoints the reducers reduce
 METRICS = ("accuracy", *(f"accuracy_{f}" for f in FAMILIES))
 BLANK = tuple(f"blank_{k}" for k in METRICS)  # the same checkpoints on the blank-image control
 
@@ -127,19 +136,44 @@ def plot(path: Path, groups: list[dict[str, Any]]) -> None:
 
 
 def compare(out: Path, results: Path, settings: DemoSettings, projectors: list[str], seeds: list[int],
-            progress: bool = True, suffix: str = "") -> list[dict[str, Any]]:  # fmt: skip
-    """Run (or reuse) every (projector, seed) as ``<projector>-seed<seed><suffix>``; write results.* to ``results``."""
-    rows, start = [], time.perf_counter()
+            progress: bool = True, suffix: str = "", reducers: tuple[str, ...] = (),
+            reducer_tokens: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Run (or reuse) every (projector, seed) as ``<projector>-seed<seed><suffix>``; write results.* to ``results``.
+
+    ``reducers``: training-free reducers evaluated on each seed's ``mlp2x_gelu`` checkpoint (it must be among
+    ``projectors``) at ``reducer_tokens`` image tokens (default: a quarter of its count, the paper's 4x), as rows
+    ``mlp2x_gelu+<reducer>@<tokens>``: trained and training-free compression on the same world, side by side.
+    """
+    from ..model.reducers import REDUCERS as REGISTRY
+
+    unknown = [r for r in reducers if r not in REGISTRY]
+    if unknown:  # before any training, not after it
+        raise UserError(f"unknown --reducers {', '.join(unknown)}; valid reducers: {', '.join(sorted(REGISTRY))}")
+    if reducers and BASE not in projectors:
+        raise UserError(f"--reducers reduce the {BASE} checkpoints: add {BASE} to --projectors or pass --reducers")
+    rows, start, bases = [], time.perf_counter(), []
     for projector in projectors:
         for seed in seeds:
             s = dataclasses.replace(settings, projector_type=projector, seed=seed)
             print(f"== {projector} seed {seed} ({time.perf_counter() - start:.0f} s so far)", flush=True)
-            rows.append(row(run_pipeline(out, s, f"{projector}-seed{seed}{suffix}", progress), projector, seed))
+            report = run_pipeline(out, s, f"{projector}-seed{seed}{suffix}", progress)
+            rows.append(row(report, projector, seed))
+            bases += [(report, s)] if projector == BASE else []
+    for report, s in bases:
+        tokens = reducer_tokens or max(1, report.image_tokens // 4)
+        for reducer in reducers:
+            print(f"== {BASE} seed {s.seed} + {reducer} at {tokens} tokens, no training", flush=True)
+            reduced = evaluate_reduced(report, out, s, reducer, tokens, progress)
+            rows.append(row(reduced, f"{BASE}+{reducer}@{tokens}", s.seed))
     results.mkdir(parents=True, exist_ok=True)
     groups = aggregate(rows)
     note = (f"Budget per run: stage 1 {settings.stage1_epochs} epoch(s), stage 2 {settings.stage2_epochs} epoch(s) "
             f"on {settings.num_train} generated scenes, batch {settings.batch_size}; {len(rows)} runs took "
             f"{time.perf_counter() - start:.0f} s in this invocation (cached runs count ~0).")  # fmt: skip
+    if bases and reducers:
+        note += (f" Rows `{BASE}+<reducer>@<N>`: the trained {BASE} checkpoints of the same seeds with a training-free "
+                 "token reducer keeping N image tokens (`python -m llava_stf.eval --reducer NAME --tokens N`), "
+                 "nothing retrained.")  # fmt: skip
     write_csv(results / "results.csv", rows)
     write_markdown(results / "results.md", groups, note)
     plot(results / "results.png", groups)
@@ -153,9 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, help="where results.* go (default: <out>/compare)")
     parser.add_argument("--projectors", nargs="+", default=list(PROJECTORS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    parser.add_argument("--reducers", nargs="*", default=list(REDUCERS),
+                        help=f"training-free reducers on the {BASE} checkpoints (default: {' '.join(REDUCERS)}; "
+                        "none: pass the flag alone)")  # fmt: skip
+    parser.add_argument("--reducer-tokens", type=int, help=f"their image-token budget (default: a quarter of {BASE}'s)")
     parser.add_argument("--fast", action="store_true", help="seconds-scale settings for tests (numbers are noise)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if BASE not in args.projectors and "--reducers" not in argv:
+        args.reducers = []  # the default reducers need the mlp2x_gelu runs; asked for explicitly, that is an error
+    if args.reducer_tokens is not None and args.reducer_tokens < 1:
+        raise UserError(f"--reducer-tokens must be at least 1, got {args.reducer_tokens}")
     os.environ.setdefault("WANDB_MODE", "disabled")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
@@ -164,8 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     settings = FAST if args.fast else DemoSettings()
     results = args.results or args.out / "compare"
-    compare(args.out, results, settings, args.projectors, args.seeds, not args.no_progress, "-fast" * args.fast)
+    compare(
+        args.out,
+        results,
+        settings,
+        args.projectors,
+        args.seeds,
+        not args.no_progress,
+        "-fast" * args.fast,
+        tuple(args.reducers),
+        args.reducer_tokens,
+    )
     return 0
 
 
-__all__ = ["PROJECTORS", "aggregate", "compare", "main", "plot", "write_csv", "write_markdown"]
+__all__ = ["BASE", "PROJECTORS", "REDUCERS", "aggregate", "compare", "main", "plot", "write_csv", "write_markdown"]

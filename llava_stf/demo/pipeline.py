@@ -219,16 +219,17 @@ class RunReport:
 
 
 def evaluate(model: LazyGenerator, out: Path, name: str, s: DemoSettings, progress: bool, world: World,
-             blank: bool = False) -> dict[str, Any]:  # fmt: skip
+             blank: bool = False, extra: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
     """The world's held-out questions (``blank``: its blank-image control) through the evaluation engine
     (``World.eval_argv``); ``model`` loads the checkpoint on first use, once for all splits. Answers saved under
-    ``name`` by another checkpoint (or with other questions or settings) are answered again, not resumed."""
+    ``name`` by another checkpoint (or with other questions or settings) are answered again, not resumed.
+    ``extra``: more engine flags (``--reducer NAME --tokens N``: they join the answers' provenance)."""
     from ..eval.__main__ import evaluate as run_eval
     from ..eval.__main__ import parse_args
 
     argv = ["--model-path", str(model.model_path), "--model-id", name, "--data-root", str(out), "--results-dir",
             str(out / "results"), "--batch-size", str(s.eval_batch_size), *world.eval_argv(blank)]  # fmt: skip
-    args = parse_args(argv + ["--no-progress"] * (not progress))
+    args = parse_args(argv + [*(extra or [])] + ["--no-progress"] * (not progress))
     [(_, result)] = run_eval(args, model, replace_stale=True)
     return dict(result.metrics)
 
@@ -298,4 +299,36 @@ def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool 
     )
 
 
-__all__ = ["FAST", "DemoSettings", "RunReport", "prepare_data", "prepare_llm", "run_pipeline", "stage_argv"]
+def evaluate_reduced(report: RunReport, out: Path, s: DemoSettings, reducer: str, tokens: int,
+                     progress: bool = False) -> RunReport:  # fmt: skip
+    """``report``'s trained checkpoint with the training-free ``reducer`` at a budget of ``tokens`` image tokens
+    (``--reducer NAME --tokens N`` of the evaluation engine: the registry's own rule for N tokens), evaluated on the
+    same questions and blank-image control; a report named ``<run>+<reducer>@<tokens>`` with the reduced model's
+    prefill FLOPs. Nothing is trained: the reducer works on the checkpoint as it is."""
+    from ..eval.__main__ import LazyGenerator
+    from ..flops import count_flops
+    from ..generation import default_device
+    from ..loading import load_config
+    from ..reducer_choice import ReducerChoice
+
+    choice = ReducerChoice(reducer, None, tokens)
+    resolved = choice.resolve(load_config(report.checkpoint))  # an unknown reducer or a bad budget: a UserError
+    name, flags = f"{report.name}+{resolved.label}", ["--reducer", reducer, "--tokens", str(tokens)]
+    model = LazyGenerator(report.checkpoint, default_device(), None, choice)
+    metrics = evaluate(model, out, name, s, progress, report.world, extra=flags)
+    blank = evaluate(model, out, f"{name}-blank", s, progress, report.world, blank=True, extra=flags)
+    flops = count_flops(resolved.config, text_tokens=32)
+    return replace(report, name=name, metrics=metrics, blank_metrics=blank, image_tokens=tokens, flops=flops.full,
+                   llm_visual_flops=flops.paper)  # fmt: skip
+
+
+__all__ = [
+    "FAST",
+    "DemoSettings",
+    "RunReport",
+    "evaluate_reduced",
+    "prepare_data",
+    "prepare_llm",
+    "run_pipeline",
+    "stage_argv",
+]

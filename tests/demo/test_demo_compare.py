@@ -15,12 +15,21 @@ from llava_stf.demo.__main__ import main
 def test_compare_writes_table_csv_and_plot(demo_out, tmp_path, capsys) -> None:
     results = tmp_path / "results"
     argv = ["compare", "--fast", "--out", str(demo_out), "--results", str(results), "--no-progress",
-            "--projectors", "mlp2x_gelu", "mbtf_stf", "--seeds", "0", "1"]  # fmt: skip
+            "--projectors", "mlp2x_gelu", "mbtf_stf", "--seeds", "0", "1",
+            "--reducers", "pool", "visionzip"]  # fmt: skip
     assert main(argv) == 0
     rows = list(csv.DictReader((results / "results.csv").open()))
     assert [(r["projector"], r["seed"]) for r in rows] == [
-        ("mlp2x_gelu", "0"), ("mlp2x_gelu", "1"), ("mbtf_stf", "0"), ("mbtf_stf", "1")
+        ("mlp2x_gelu", "0"), ("mlp2x_gelu", "1"), ("mbtf_stf", "0"), ("mbtf_stf", "1"),
+        ("mlp2x_gelu+pool@16", "0"), ("mlp2x_gelu+visionzip@16", "0"),
+        ("mlp2x_gelu+pool@16", "1"), ("mlp2x_gelu+visionzip@16", "1"),
     ]  # fmt: skip
+    reduced = [r for r in rows if "+" in r["projector"]]  # the trained mlp2x_gelu checkpoints, 16 tokens kept
+    assert {r["visual_tokens"] for r in reduced} == {"16"}
+    assert all(0.0 <= float(r[k]) <= 100.0 for r in reduced for k in ("accuracy", "blank_accuracy"))
+    assert all(int(r["llm_visual_flops"]) < int(rows[0]["llm_visual_flops"]) for r in reduced)
+    answers = demo_out / "synthetic" / "eval" / "model_answers"
+    assert (answers / "mlp2x_gelu-seed0-fast+visionzip@16.jsonl").is_file()  # its own answers, not the base's
     assert {r["visual_tokens"] for r in rows if r["projector"] == "mlp2x_gelu"} == {"64"}
     assert {r["visual_tokens"] for r in rows if r["projector"] == "mbtf_stf"} == {"16"}
     assert all(0.0 <= float(r[k]) <= 100.0 for r in rows for k in ("accuracy", "blank_accuracy"))
@@ -34,4 +43,17 @@ def test_compare_writes_table_csv_and_plot(demo_out, tmp_path, capsys) -> None:
     with Image.open(results / "results.png") as image:
         image.load()
         assert image.size[0] > 500 and image.size[1] > 200
-    assert "mbtf_stf seed 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mbtf_stf seed 1" in out and "mlp2x_gelu seed 1 + visionzip at 16 tokens" in out
+    assert "| mlp2x_gelu+visionzip@16 | 16 |" in table and "training-free token reducer" in table
+
+
+def test_compare_reducers_need_the_uncompressed_runs(tmp_path, capsys) -> None:
+    argv = ["compare", "--fast", "--out", str(tmp_path), "--projectors", "mbtf_stf", "--reducers", "pool"]
+    assert main(argv) == 1
+    assert "error: --reducers reduce the mlp2x_gelu checkpoints" in capsys.readouterr().err
+    assert main(["compare", "--fast", "--out", str(tmp_path), "--reducer-tokens", "0"]) == 1
+    assert "--reducer-tokens must be at least 1" in capsys.readouterr().err
+    assert main(["compare", "--fast", "--out", str(tmp_path), "--reducers", "pool", "tome"]) == 1
+    assert "error: unknown --reducers tome; valid reducers: dart, divprune" in capsys.readouterr().err
+    assert not (tmp_path / "compare").exists()  # refused before any work
