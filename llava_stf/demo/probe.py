@@ -15,6 +15,7 @@ a tower pre-training recipe: the LLM's accuracy on a family is bounded by what t
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPVisionModel
 
 from ..data.synthetic import COLORS, GRID, SHAPES, Scene
+from ..errors import UserError
 from ..eval.answers import read_jsonl
 
 ATTRIBUTES = ("color", "shape", "position")
@@ -56,11 +58,16 @@ def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_eval: torch.Ten
 @torch.no_grad()
 def object_features(tower: Path, data: Path, layer: int = -2, batch_size: int = 100):
     """Features ``[N, D]`` of the patch under each object's centre, labels ``{attribute: [N]}`` and a ``[N]`` mask of
-    objects from training scenes, for the generated world in ``data`` (its ``scenes.jsonl``)."""
+    objects from training scenes (the images of ``pretrain.json``; the others are the held-out ones), for the
+    generated world in ``data`` (its ``scenes.jsonl``). A ``layer`` the tower does not have is a ``UserError``."""
     model = CLIPVisionModel.from_pretrained(tower).eval()
+    states = model.config.num_hidden_layers + 1  # the embeddings, then one per block
+    if not -states <= layer < states:
+        raise UserError(f"--layer {layer}: the tower has hidden states -{states}..{states - 1}")
     processor = CLIPImageProcessorPil.from_pretrained(tower)
     grid = model.config.image_size // model.config.patch_size
     scenes = [Scene.from_json(s) for s in read_jsonl(data / "scenes.jsonl")]
+    training = {r["image"] for r in json.loads((data / "pretrain.json").read_text()) if r.get("image")}
     features, train, labels = [], [], {a: [] for a in ATTRIBUTES}
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start : start + batch_size]
@@ -70,7 +77,7 @@ def object_features(tower: Path, data: Path, layer: int = -2, batch_size: int = 
             for obj in scene.objects:
                 row, col = int((obj.row + 0.5) / GRID * grid), int((obj.col + 0.5) / GRID * grid)
                 features.append(patches[row * grid + col])
-                train.append(Path(scene.image).name.startswith("train"))
+                train.append(scene.image in training)
                 labels["color"].append(list(COLORS).index(obj.color))
                 labels["shape"].append(SHAPES.index(obj.shape))
                 labels["position"].append(obj.row * GRID + obj.col)
@@ -89,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("playground/demo"), help="the demo's artifact folder")
     parser.add_argument("--layer", type=int, default=-2, help="hidden-state index (default -2, LLaVA-1.5's)")
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the CLIP checkpoint's text tower is reported as unused when only vision loads
+    hf_logging.disable_progress_bar()
     tower, data = args.out / "vision", args.out / "synthetic"
     missing = [str(p) for p in (tower / "config.json", data / "scenes.jsonl") if not p.is_file()]
     if missing:

@@ -34,3 +34,5 @@ def test_probe_reads_every_attribute_from_the_demo_folder(demo_out, capsys) -> N
     assert "linear probes on" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="run `python -m llava_stf.demo"):
         main(["probe", "--out", str(demo_out / "nothing-here")])
+    assert main(["probe", "--out", str(demo_out), "--layer", "99"]) == 1  # a layer the tower lacks: one line
+    assert "error: --layer 99: the tower has hidden states" in capsys.readouterr().err
