@@ -9,9 +9,13 @@ and image of the demo world, or generated images without ``--data-root``) from t
 official ``openai`` client without retries, stopping early after ``--time-limit`` seconds. Per level: requests/s,
 p50/p99 latency, p50 time to the first content token, errors (must be 0), that every request got exactly one answer,
 and the server's mean batch size. Greedy answers must not depend on the batch: each question's answer is checked to
-be the same at every level. Targets (issue 15, CPU, demo-size checkpoints): requests/s at concurrency 16 >= 4x
-concurrency 1, and an ``mbtf_stf`` checkpoint >= 1.5x an ``mlp2x_gelu`` one at concurrency 16 (projectors read from
-each checkpoint's config), each printed as ``meets`` or ``MISSES``. The exit status is 1 when a request failed or
+be the same at every level. Then, in this process, the server's engine alone answers the same questions in batches
+of each level's size (``serve_engine``, ``--engine-repeats``; 0 skips it): its milliseconds per request show what
+batching and fewer image tokens save in generation itself, without the HTTP and client CPU that share a laptop's
+cores with it, and its answers must equal the served ones. Targets (CPU, demo-size checkpoints): requests/s at
+concurrency 16 >= 4x concurrency 1, and an ``mbtf_stf`` checkpoint >= 1.5x an ``mlp2x_gelu`` one at concurrency 16
+(projectors read from each checkpoint's config), each printed as ``meets`` or ``MISSES``; the engine's ratios are
+printed beside them. The exit status is 1 when a request failed or
 got other than one answer, or answers changed with the level; missed targets are reported, not failed.
 """
 
@@ -23,10 +27,11 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError, add_debug_flag, run_main
+from .serve_engine import EngineLevel, measure_engine
 from .serve_load import Level, ServerProcess, demo_questions, generated_questions, run_level
 
 SCALING_TARGET = 4.0  # requests/s at the highest level over the lowest
@@ -41,7 +46,8 @@ class Run:
     model_id: str
     projector: str | None
     levels: list[Level]
-    consistent: bool  # each question got the same answer at every level
+    consistent: bool  # each question got the same answer at every level (and from the engine alone)
+    engine: list[EngineLevel] = field(default_factory=list)  # the engine alone, batch sizes = the levels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="the server's torch threads (demo-size models gain nothing from more, and the clients share the CPUs)",
+    )
+    parser.add_argument(
+        "--engine-repeats", type=int, default=3, help="timed passes of the engine alone per batch size (0: skip it)"
     )
     parser.add_argument("--server-args", default="", help="more server flags, e.g. '--max-batch 8 --batch-window-ms 5'")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -91,8 +100,18 @@ def measure(path: Path, args: argparse.Namespace, questions) -> Run:
     for level in levels:
         for outcome in level.done:
             answers.setdefault(outcome.index % len(questions), set()).add(outcome.answer)
+    engine = []
+    if args.engine_repeats > 0:
+        engine = measure_engine(path, questions, args.levels, args.engine_repeats, args.server_threads, args.max_tokens)
+        for level in engine:
+            for i, answer in enumerate(level.answers):
+                answers.setdefault(i % len(questions), set()).add(answer)
+        print(
+            f"  engine alone: {', '.join(f'batch {e.batch} {e.ms_per_request:.1f} ms' for e in engine)}",
+            file=sys.stderr,
+        )
     consistent = all(len(found) == 1 for found in answers.values())
-    return Run(path, server.model_id, projector_of(path), levels, consistent)
+    return Run(path, server.model_id, projector_of(path), levels, consistent, engine)
 
 
 def table(runs: Sequence[Run]) -> str:
@@ -120,6 +139,40 @@ def table(runs: Sequence[Run]) -> str:
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def engine_table(runs: Sequence[Run], threads: int) -> str:
+    """The engine alone: milliseconds per request at each batch size, and the speed-up over the smallest batch."""
+    rows = [["model", "projector", "batch", "ms/request", f"vs batch {runs[0].engine[0].batch}"]]
+    for run in runs:
+        for level in run.engine:
+            speedup = run.engine[0].ms_per_request / level.ms_per_request if level.ms_per_request else 0.0
+            rows.append(
+                [run.model_id, run.projector or "?", str(level.batch), f"{level.ms_per_request:.2f}", f"{speedup:.2f}x"]
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    title = f"engine alone (ServeEngine.run in this process, {threads} torch thread(s), no HTTP or client CPU):"
+    return title + "\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def engine_ratios(runs: Sequence[Run]) -> list[str]:
+    """What the engine alone gives, beside the targets (not targets themselves: those are the served rates)."""
+    lines = []
+    for run in runs:
+        if len(run.engine) > 1:
+            low, high = run.engine[0], run.engine[-1]
+            lines.append(
+                f"{run.model_id}: engine alone, batch {high.batch} / batch {low.batch} requests/s = "
+                f"{low.ms_per_request / high.ms_per_request:.2f}x"
+            )
+    by_projector = {run.projector: run for run in runs if run.engine}
+    if "mbtf_stf" in by_projector and "mlp2x_gelu" in by_projector:
+        fast, base = by_projector["mbtf_stf"].engine[-1], by_projector["mlp2x_gelu"].engine[-1]
+        lines.append(
+            f"mbtf_stf / mlp2x_gelu engine alone requests/s at batch {fast.batch} = "
+            f"{base.ms_per_request / fast.ms_per_request:.2f}x"
+        )
+    return lines
 
 
 def _cpu(level: Level) -> str:
@@ -166,8 +219,13 @@ def run(args: argparse.Namespace) -> int:
     print(table(runs))
     for line in targets(runs):
         print(line)
+    if any(r.engine for r in runs):
+        print(engine_table([r for r in runs if r.engine], args.server_threads))
+        for line in engine_ratios(runs):
+            print(line)
     for run_ in runs:
-        print(f"{run_.model_id}: answers identical at every level: {'yes' if run_.consistent else 'NO'}")
+        also = " and from the engine alone" if run_.engine else ""
+        print(f"{run_.model_id}: answers identical at every level{also}: {'yes' if run_.consistent else 'NO'}")
     print(f"load average (1/5/15 min): before {_load(load_before)}, after {_load(load_after)}; {os.cpu_count()} CPUs")
     failed = [
         f"{r.model_id} c{level.concurrency}"
@@ -197,12 +255,14 @@ def _record(runs: Sequence[Run], before, after) -> dict:
         "load_before": before,
         "load_after": after,
         "targets": targets(runs),
+        "engine_ratios": engine_ratios(runs),
         "runs": [
             {
                 "model_id": r.model_id,
                 "path": str(r.path),
                 "projector": r.projector,
                 "consistent": r.consistent,
+                "engine": [{"batch": e.batch, "ms_per_request": e.ms_per_request} for e in r.engine],
                 "levels": [
                     {
                         "concurrency": lv.concurrency,

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from llava_stf.bench import serve
-from llava_stf.bench.serve_load import Level, Outcome, demo_questions, percentile
+from llava_stf.bench.serve_engine import EngineLevel, measure_engine
+from llava_stf.bench.serve_load import Level, Outcome, demo_questions, generated_questions, percentile
 from llava_stf.testing import make_image, save_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -24,9 +25,32 @@ def test_the_load_test_runs_with_no_errors(tmp_path, capsys) -> None:
     assert lines[0].split()[:4] == ["model", "projector", "conc", "requests"] and "1 answer each" in lines[0]
     rows = [line.split() for line in lines[1:3]]
     assert [row[2:4] for row in rows] == [["1", "4/4"], ["3", "4/4"]] and all(row[8:10] == ["0", "yes"] for row in rows)
-    assert "c3 / c1 requests/s" in out and "answers identical at every level: yes" in out and "load average" in out
+    assert "c3 / c1 requests/s" in out and "answers identical at every level and from the engine alone: yes" in out
+    assert "load average" in out and "engine alone (ServeEngine.run in this process, 1 torch thread(s)" in out
+    assert "engine alone, batch 3 / batch 1 requests/s = " in out
     record = json.loads((tmp_path / "out.json").read_text())
     assert [level["errors"] for level in record["runs"][0]["levels"]] == [0, 0]
+    assert [e["batch"] for e in record["runs"][0]["engine"]] == [1, 3]
+    assert all(e["ms_per_request"] > 0 for e in record["runs"][0]["engine"])
+
+
+def test_the_engine_alone_answers_as_one_at_a_time(tmp_path) -> None:
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny")
+    questions = generated_questions(3)
+    levels = measure_engine(checkpoint, questions, [1, 2, 5], repeats=1, threads=1, max_tokens=4)
+    assert [level.batch for level in levels] == [1, 2, 5] and all(level.ms_per_request > 0 for level in levels)
+    assert len(levels[0].answers) == 5 and levels[0].answers[:2] == levels[0].answers[3:]  # questions cycle
+    assert levels[1].answers == levels[0].answers and levels[2].answers == levels[0].answers
+
+
+def test_engine_ratios_compare_batches_and_projectors() -> None:
+    def run(projector: str, ms: tuple[float, float]) -> serve.Run:
+        engine = [EngineLevel(b, m) for b, m in zip((1, 16), ms)]
+        return serve.Run(Path(projector), projector, projector, [], True, engine)
+
+    lines = serve.engine_ratios([run("mlp2x_gelu", (15.0, 6.0)), run("mbtf_stf", (15.0, 4.0))])
+    assert lines[0] == "mlp2x_gelu: engine alone, batch 16 / batch 1 requests/s = 2.50x"
+    assert lines[2] == "mbtf_stf / mlp2x_gelu engine alone requests/s at batch 16 = 1.50x"
 
 
 def test_targets_say_meets_or_misses() -> None:
