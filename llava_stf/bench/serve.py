@@ -137,7 +137,12 @@ def table(runs: Sequence[Run]) -> str:
                     _cpu(level),
                 ]
             )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return _columns(rows)
+
+
+def _columns(rows: list[list[str]]) -> str:
+    """Rows of cells as left-aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
@@ -150,9 +155,8 @@ def engine_table(runs: Sequence[Run], threads: int) -> str:
             rows.append(
                 [run.model_id, run.projector or "?", str(level.batch), f"{level.ms_per_request:.2f}", f"{speedup:.2f}x"]
             )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     title = f"engine alone (ServeEngine.run in this process, {threads} torch thread(s), no HTTP or client CPU):"
-    return title + "\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    return title + "\n" + _columns(rows)
 
 
 def engine_ratios(runs: Sequence[Run]) -> list[str]:
