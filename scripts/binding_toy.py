@@ -9,7 +9,8 @@ size (2 layers, width 128, 4 heads of 32, 2 KV heads), trained from random init 
 the recipe, not the features, allows: batch size, image tokens per image, prompt length, finite data, multi-turn
 records. Findings: ``docs/demo-compare/miniature-limits.md``.
 
-    python scripts/binding_toy.py                      # 9 tokens, short prompt, batch 64: ~93 % after 1,500 steps
+    python scripts/binding_toy.py                      # 9 tokens, short prompt, batch 64: 84 % after 1,500 steps
+    python scripts/binding_toy.py --tokens 4           # 16 tokens: 98 % after 1,500 steps (4 min, one core)
     python scripts/binding_toy.py --batch 16 --steps 4000
     python scripts/binding_toy.py --tokens 8 --prompt llava --scenes 6000 --turns 3
 """
@@ -23,7 +24,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaModel
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from llava_stf.data.synthetic import COLORS, GRID, SHAPES, SIZES, Scene, questions, sample_scene
 
@@ -97,8 +98,6 @@ class Toy(nn.Module):
         if args.head_std:
             nn.init.normal_(self.head.weight, std=args.head_std)
         if args.init:
-            from transformers import LlamaForCausalLM
-
             saved = LlamaForCausalLM.from_pretrained(args.init)
             self.llm, self.head = saved.model, saved.lm_head
         self.projector = nn.Sequential(nn.Linear(in_dim, w), nn.GELU(), nn.Linear(w, w))
@@ -168,8 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--held-out", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init", default=None)
-    p.add_argument("--head-std", type=float, default=0.0)
+    p.add_argument("--init", default=None, help="start the LLM and output layer from a saved LlamaForCausalLM")
+    p.add_argument("--head-std", type=float, default=0.0, help="draw the output layer from N(0, std) (0: default)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
