@@ -26,14 +26,21 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
-from llava_stf.data.synthetic import COLORS, GRID, SHAPES, SIZES, Scene, questions, sample_scene
+from llava_stf.data.synthetic import COLORS, GRID, SHAPES, SIZES, Scene, object_box, questions, sample_scene
+from llava_stf.data.tokenization import IGNORE_INDEX
 
 SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the human's questions. USER:"
 )
 SUFFIX = "Answer the question using a single word or phrase. ASSISTANT:"
-ATTRS = len(COLORS) + len(SHAPES) + len(SIZES) + 1 + 2 * GRID  # colour, shape, size, present, cell row, cell col
+# One-hot layout of an image token: colour, shape, size, "an object is here", the object's cell row and column.
+SHAPE_AT = len(COLORS)
+SIZE_AT = SHAPE_AT + len(SHAPES)
+PRESENT_AT = SIZE_AT + len(SIZES)
+ROW_AT = PRESENT_AT + 1
+COL_AT = ROW_AT + GRID
+ATTRS = COL_AT + GRID
 
 
 class Words:
@@ -49,30 +56,25 @@ class Words:
 
 
 def object_code(vector: torch.Tensor, obj) -> None:
-    """Write one object's one-hot attributes into ``vector`` (ATTRS,)."""
-    colours, shapes = list(COLORS), list(SHAPES)
-    vector[colours.index(obj.color)] = 1
-    vector[len(colours) + shapes.index(obj.shape)] = 1
-    vector[len(colours) + len(shapes) + SIZES.index(obj.size)] = 1
-    base = len(colours) + len(shapes) + len(SIZES)
-    vector[base] = 1
-    vector[base + 1 + obj.row] = 1
-    vector[base + 1 + GRID + obj.col] = 1
+    """Write one object's one-hot attributes and cell into ``vector`` (ATTRS,)."""
+    vector[list(COLORS).index(obj.color)] = 1
+    vector[SHAPE_AT + SHAPES.index(obj.shape)] = 1
+    vector[SIZE_AT + SIZES.index(obj.size)] = 1
+    vector[PRESENT_AT] = vector[ROW_AT + obj.row] = vector[COL_AT + obj.col] = 1
 
 
 def oracle_tokens(scene: Scene, grid: int) -> torch.Tensor:
     """(grid*grid, ATTRS + 2*grid) per patch: the object under it (drawn box overlap, 64-px canvas) + patch row/col;
-    ``grid`` 0: one token per scene cell (GRID*GRID, ATTRS)."""
+    ``grid`` 0: one token per scene cell (GRID*GRID, ATTRS), its cell marked even when empty."""
     if grid == 0:
         tokens = torch.zeros(GRID * GRID, ATTRS)
-        base = ATTRS - 2 * GRID - 1  # the "present" bit; cell row and column follow (as in object_code)
         for r in range(GRID):
             for c in range(GRID):
-                tokens[r * GRID + c, base + 1 + r] = tokens[r * GRID + c, base + 1 + GRID + c] = 1
+                tokens[r * GRID + c, ROW_AT + r] = tokens[r * GRID + c, COL_AT + c] = 1
         for obj in scene.objects:
             object_code(tokens[obj.row * GRID + obj.col], obj)
         return tokens
-    patch, cell = 64 / grid, 64 / GRID
+    patch = 64 / grid
     tokens = torch.zeros(grid * grid, ATTRS + 2 * grid)
     for pr in range(grid):
         for pc in range(grid):
@@ -80,8 +82,7 @@ def oracle_tokens(scene: Scene, grid: int) -> torch.Tensor:
             vector[ATTRS + pr] = vector[ATTRS + grid + pc] = 1
             x, y = (pc + 0.5) * patch, (pr + 0.5) * patch
             for obj in scene.objects:
-                cx, cy = (obj.col + 0.5) * cell, (obj.row + 0.5) * cell
-                radius = cell * (0.42 if obj.size == "large" else 0.24)
+                cx, cy, radius = object_box(obj, 64)
                 if abs(x - cx) <= radius + patch / 2 and abs(y - cy) <= radius + patch / 2:
                     object_code(vector, obj)
     return tokens
@@ -95,11 +96,11 @@ class Toy(nn.Module):
                              num_attention_heads=w // 32, num_key_value_heads=max(1, w // 64), head_dim=32,
                              max_position_embeddings=1024)  # fmt: skip
         self.llm, self.head = LlamaModel(config), nn.Linear(w, vocab, bias=False)
-        if args.head_std:
-            nn.init.normal_(self.head.weight, std=args.head_std)
         if args.init:
             saved = LlamaForCausalLM.from_pretrained(args.init)
             self.llm, self.head = saved.model, saved.lm_head
+        if args.head_std:
+            nn.init.normal_(self.head.weight, std=args.head_std)
         self.projector = nn.Sequential(nn.Linear(in_dim, w), nn.GELU(), nn.Linear(w, w))
 
     def forward(self, samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,15 +111,15 @@ class Toy(nn.Module):
             for ids, is_answer in pieces:
                 if ids == "IMAGE":
                     parts.append(self.projector(image))
-                    labels += [-100] * image.shape[0]
+                    labels += [IGNORE_INDEX] * image.shape[0]
                     continue
                 parts.append(embed(torch.tensor(ids)))
-                labels += ids if is_answer else [-100] * len(ids)
-            rows.append((torch.cat(parts), labels[1:] + [-100]))  # position t predicts token t+1
+                labels += ids if is_answer else [IGNORE_INDEX] * len(ids)
+            rows.append((torch.cat(parts), labels[1:] + [IGNORE_INDEX]))  # position t predicts token t+1
         length = max(x.shape[0] for x, _ in rows)
         x = torch.zeros(len(rows), length, self.head.in_features)
         mask = torch.zeros(len(rows), length, dtype=torch.long)
-        y = torch.full((len(rows), length), -100)
+        y = torch.full((len(rows), length), IGNORE_INDEX)
         for i, (seq, labels) in enumerate(rows):  # left padding
             x[i, length - len(labels) :], mask[i, length - len(labels) :] = seq, 1
             y[i, length - len(labels) :] = torch.tensor(labels)
@@ -145,7 +146,7 @@ def evaluate(model: Toy, held_out: list[tuple]) -> dict[str, float]:
         for i in range(0, len(held_out), 200):
             batch = held_out[i : i + 200]
             logits, y = model(batch)
-            ok = ((logits.argmax(-1) == y) | (y == -100)).all(-1)
+            ok = ((logits.argmax(-1) == y) | (y == IGNORE_INDEX)).all(-1)
             for (family, _, _), good in zip(batch, ok.tolist()):
                 hits[family].append(good)
     result = {f: round(100 * sum(v) / len(v), 1) for f, v in sorted(hits.items())}
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     print(vars(args), flush=True)
     for step in range(1, args.steps + 1):
         logits, y = model([sample(rng, args, words, pool, args.turns) for _ in range(args.batch)])
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
         opt.zero_grad()
         loss.backward()
         opt.step()

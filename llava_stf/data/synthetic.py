@@ -90,14 +90,19 @@ def sample_scene(rng: random.Random, image: str) -> Scene:
     return Scene(image, objects, label, cells[4] if has_label else None)
 
 
+def object_box(obj: Obj, size: int) -> tuple[float, float, float]:
+    """``(cx, cy, r)``: the centre and half-side of the square ``obj`` is drawn in on a ``size x size`` canvas."""
+    cell = size / GRID
+    return (obj.col + 0.5) * cell, (obj.row + 0.5) * cell, cell * (0.42 if obj.size == "large" else 0.24)
+
+
 def render(scene: Scene, size: int) -> Image.Image:
     """Draw the scene on a ``size x size`` canvas."""
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     cell = size / GRID
     for obj in scene.objects:
-        cx, cy = (obj.col + 0.5) * cell, (obj.row + 0.5) * cell
-        r = cell * (0.42 if obj.size == "large" else 0.24)
+        cx, cy, r = object_box(obj, size)
         box = [cx - r, cy - r, cx + r, cy + r]
         color = COLORS[obj.color]
         if obj.shape == "circle":
