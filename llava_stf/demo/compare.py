@@ -7,7 +7,7 @@ stages. Runs are cached like the demo's (the demo's own ``mbtf_stf-seed0`` run i
 (default ``<out>/compare``): ``results.csv`` (one row per run), ``results.md`` (mean and spread over seeds per
 projector and question family, and the same for each run's blank-image control) and ``results.png`` (accuracy
 against visual tokens and against prefill FLOPs, one panel per family; matplotlib, Agg backend). The world is not
-tuned for any projector.
+tuned for any projector. ``--fast`` / ``--long`` pick the demo's presets (``pipeline.PRESETS``) for every run.
 
 Trained against training-free compression: each seed's ``mlp2x_gelu`` checkpoint is also evaluated with the
 reducers of ``--reducers`` (default ``REDUCERS``) at ``--reducer-tokens`` image tokens (default: a quarter of its
@@ -28,7 +28,7 @@ from typing import Any
 
 from ..data.synthetic import FAMILIES
 from ..errors import UserError
-from .pipeline import FAST, DemoSettings, RunReport, evaluate_reduced, run_pipeline
+from .pipeline import PRESETS, DemoSettings, RunReport, add_preset_flags, evaluate_reduced, preset_name, run_pipeline
 
 PROJECTORS = ("mlp2x_gelu", "avgpool", "token_concat", "stf", "mbtf", "mbtf_stf")
 # Training-free reducers run on the trained mlp2x_gelu checkpoints at the compressed projectors' budget: pooling and
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"training-free reducers on the {BASE} checkpoints (default: {' '.join(REDUCERS)}; "
                         "none: pass the flag alone)")  # fmt: skip
     parser.add_argument("--reducer-tokens", type=int, help=f"their image-token budget (default: a quarter of {BASE}'s)")
-    parser.add_argument("--fast", action="store_true", help="seconds-scale settings for tests (numbers are noise)")
+    add_preset_flags(parser)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if BASE not in args.projectors and "--reducers" not in argv:
@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    settings = FAST if args.fast else DemoSettings()
+    preset = preset_name(args)
+    settings = PRESETS[preset]
     results = args.results or args.out / "compare"
     compare(
         args.out,
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         args.projectors,
         args.seeds,
         not args.no_progress,
-        "-fast" * args.fast,
+        "" if preset == "default" else f"-{preset}",
         tuple(args.reducers),
         args.reducer_tokens,
     )

@@ -42,3 +42,24 @@ def test_an_unknown_projector_is_one_line_before_any_work(tmp_path, capsys):
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(UserError, match="unknown --projector"):
         main(["--out", str(tmp_path / "demo"), "--projector", "mlp3x", "--debug"])
+
+
+def test_long_runs_the_long_preset_and_excludes_fast(tmp_path, capsys, monkeypatch):
+    """``--long`` trains with ``pipeline.LONG`` (batch 64, 3,000 scenes) under its own run name; with ``--fast`` it is
+    argparse's one usage error, before any work."""
+    import llava_stf.demo.__main__ as cli
+    from llava_stf.demo.pipeline import LONG
+
+    seen = {}
+
+    def fake_pipeline(out, settings, name, progress, data=None, files=None):
+        seen.update(settings=settings, name=name)
+        raise UserError("stopped here")
+
+    monkeypatch.setattr(cli, "run_pipeline", fake_pipeline)
+    assert _run(capsys, "--out", tmp_path / "demo", "--long", "--seed", "2") == (1, "error: stopped here")
+    assert seen["name"] == "mbtf_stf-seed2-long" and seen["settings"].batch_size == LONG.batch_size == 64
+    assert seen["settings"].num_train == 3000 and seen["settings"].seed == 2
+    with pytest.raises(SystemExit) as stop:
+        main(["--out", str(tmp_path / "demo"), "--long", "--fast"])
+    assert stop.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

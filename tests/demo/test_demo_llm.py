@@ -47,3 +47,17 @@ def test_pretrain_text_lowers_the_loss_and_rejects_an_empty_corpus() -> None:
     assert after < 0.6 * before
     with pytest.raises(ValueError, match="no texts"):
         pretrain_text(model, tokenizer, [], steps=1, lr=1e-3)
+
+
+def test_prepare_llm_draws_the_output_layer_at_its_own_std(tmp_path) -> None:
+    """The demo's LLM starts its output layer at ``llm_head_std`` (0.05; transformers' Llama init gives every matrix
+    std 0.02, which stalls stage 2's lookups); everything else keeps transformers' init."""
+    from llava_stf.demo.pipeline import DemoSettings, prepare_data, prepare_llm
+    from llava_stf.demo.world import generated_world
+
+    s = DemoSettings(num_train=8, num_eval=2, image_size=32, llm_hidden=64, llm_pretrain_steps=0, vocab_size=400)
+    assert s.llm_head_std == 0.05
+    world = generated_world(prepare_data(tmp_path, s), s.image_size)
+    model = LlamaForCausalLM.from_pretrained(prepare_llm(tmp_path, world, s))
+    head, embed = model.lm_head.weight.std().item(), model.model.embed_tokens.weight.std().item()
+    assert abs(head - 0.05) < 0.005 and abs(embed - 0.02) < 0.003, (head, embed)
