@@ -28,6 +28,7 @@ from typing import Any
 
 from ..data.synthetic import FAMILIES
 from ..errors import UserError
+from .paired import paired_difference
 from .pipeline import PRESETS, DemoSettings, RunReport, add_preset_flags, evaluate_reduced, preset_name, run_pipeline
 
 PROJECTORS = ("mlp2x_gelu", "avgpool", "token_concat", "stf", "mbtf", "mbtf_stf")
@@ -82,15 +83,39 @@ def _table(groups: list[dict[str, Any]], keys: tuple[str, ...]) -> list[str]:
     return lines
 
 
-def write_markdown(path: Path, groups: list[dict[str, Any]], note: str) -> None:
-    """The accuracy table, the blank-image control table of the same checkpoints, and how to read them."""
+def paired_lines(rows: list[dict[str, Any]], base: str = BASE) -> list[str]:
+    """Overall accuracy of each other row group minus ``base``'s, paired by seed, with a 95 % t interval."""
+
+    def by_seed(name: str) -> dict[int, float]:
+        return {int(r["seed"]): float(r["accuracy"]) for r in rows if r["projector"] == name and r["accuracy"] != ""}
+
+    reference = by_seed(base)
+    lines = []
+    for name in dict.fromkeys(r["projector"] for r in rows):
+        d = None if name == base else paired_difference(by_seed(name), reference)
+        if d is not None:
+            ci = "— (one seed)" if d.low is None else f"{d.low:+.1f} to {d.high:+.1f}"
+            lines.append(f"| {name} | {d.mean:+.1f} | {ci} | {d.seeds} |")
+    if not lines:
+        return []
+    return ["", f"Paired difference of overall accuracy against {base} (points; per seed, each projector minus {base} "
+            "of the same seed, then the mean over seeds and its 95 % Student-t interval with n − 1 degrees of "
+            "freedom; an interval that contains 0 does not tell the two apart):", "",
+            f"| projector | Δ vs {base} | 95 % CI | seeds |", "|---|---:|---:|---:|", *lines]  # fmt: skip
+
+
+def write_markdown(path: Path, groups: list[dict[str, Any]], note: str,
+                   rows: list[dict[str, Any]] | None = None) -> None:  # fmt: skip
+    """The accuracy table, the paired differences against ``BASE`` (from ``rows``, the per-run rows), the
+    blank-image control table of the same checkpoints, and how to read them."""
     spread = max((g["stats"]["accuracy"][3] - g["stats"]["accuracy"][2] for g in groups), default=0.0)
     lines = [*_table(groups, METRICS), "",
              f"Exact-match accuracy (%) on the held-out questions, mean ± sample std over {groups[0]['seeds']} "
              f"seed(s) per projector; the largest min-max spread of overall accuracy across seeds is {spread:.1f} "
-             "points.", "", "Blank-image control: the same checkpoints, every question asked about a blank canvas "
-             "(what each model answers from the question alone; the gap to the table above is what it reads from "
-             "the image):", "", *_table(groups, BLANK), "", note]  # fmt: skip
+             "points.", *paired_lines(rows or []), "",
+             "Blank-image control: the same checkpoints, every question asked about a blank canvas (what each model "
+             "answers from the question alone; the gap to the table above is what it reads from the image):", "",
+             *_table(groups, BLANK), "", note]  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -175,7 +200,7 @@ def compare(out: Path, results: Path, settings: DemoSettings, projectors: list[s
                  "token reducer keeping N image tokens (`python -m llava_stf.eval --reducer NAME --tokens N`), "
                  "nothing retrained.")  # fmt: skip
     write_csv(results / "results.csv", rows)
-    write_markdown(results / "results.md", groups, note)
+    write_markdown(results / "results.md", groups, note, rows)
     plot(results / "results.png", groups)
     print((results / "results.md").read_text(), flush=True)
     return rows
@@ -221,4 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["BASE", "PROJECTORS", "REDUCERS", "aggregate", "compare", "main", "plot", "write_csv", "write_markdown"]
+__all__ = [
+    "BASE",
+    "PROJECTORS",
+    "REDUCERS",
+    "aggregate",
+    "compare",
+    "main",
+    "paired_lines",
+    "plot",
+    "write_csv",
+    "write_markdown",
+]

@@ -46,6 +46,8 @@ def test_compare_writes_table_csv_and_plot(demo_out, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "mbtf_stf seed 1" in out and "mlp2x_gelu seed 1 + visionzip at 16 tokens" in out
     assert "| mlp2x_gelu+visionzip@16 | 16 |" in table and "training-free token reducer" in table
+    paired = table.split("Paired difference")[1].split("Blank-image control")[0]  # per seed against mlp2x_gelu
+    assert "| mbtf_stf | " in paired and " | 2 |" in paired and "| mlp2x_gelu | " not in paired
 
 
 def test_compare_reducers_need_the_uncompressed_runs(tmp_path, capsys) -> None:
