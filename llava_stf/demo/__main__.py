@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError, add_debug_flag, run_main
-from .pipeline import PRESETS, RunReport, add_preset_flags, format_loss, preset_name, run_pipeline
+from .pipeline import PRESETS, RunReport, add_preset_flags, format_loss, preset_suffix, run_pipeline
 from .world import FILES
 
 DEFAULT_OUT = Path("playground/demo")
@@ -150,9 +150,8 @@ def demo(args: argparse.Namespace) -> int:
 
     hf_logging.set_verbosity_error()  # load reports of the towers' unused heads are expected here
     hf_logging.disable_progress_bar()
-    preset = preset_name(args)
-    settings = dataclasses.replace(PRESETS[preset], seed=args.seed, projector_type=args.projector)
-    name = f"{args.projector}-seed{args.seed}" + ("" if preset == "default" else f"-{preset}")
+    settings = dataclasses.replace(PRESETS[args.preset], seed=args.seed, projector_type=args.projector)
+    name = f"{args.projector}-seed{args.seed}{preset_suffix(args.preset)}"
     report = run_pipeline(args.out, settings, name, not args.no_progress, data=args.data, files=args.files)
     chat = None if args.no_chat else chat_once(report)
     print(summary(report, chat), flush=True)

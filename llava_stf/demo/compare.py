@@ -29,7 +29,7 @@ from typing import Any
 from ..data.synthetic import FAMILIES
 from ..errors import UserError
 from .paired import paired_difference
-from .pipeline import PRESETS, DemoSettings, RunReport, add_preset_flags, evaluate_reduced, preset_name, run_pipeline
+from .pipeline import PRESETS, DemoSettings, RunReport, add_preset_flags, evaluate_reduced, preset_suffix, run_pipeline
 
 PROJECTORS = ("mlp2x_gelu", "avgpool", "token_concat", "stf", "mbtf", "mbtf_stf")
 # Training-free reducers run on the trained mlp2x_gelu checkpoints at the compressed projectors' budget: pooling and
@@ -229,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    preset = preset_name(args)
-    settings = PRESETS[preset]
+    settings = PRESETS[args.preset]
     results = args.results or args.out / "compare"
     compare(
         args.out,
@@ -239,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         args.projectors,
         args.seeds,
         not args.no_progress,
-        "" if preset == "default" else f"-{preset}",
+        preset_suffix(args.preset),
         tuple(args.reducers),
         args.reducer_tokens,
     )

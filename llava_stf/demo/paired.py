@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 def t_cdf(x: float, df: int, intervals: int = 4000) -> float:
@@ -29,6 +30,7 @@ def t_cdf(x: float, df: int, intervals: int = 4000) -> float:
     return 0.5 + half if x >= 0 else 0.5 - half
 
 
+@lru_cache(maxsize=64)  # every row of a comparison asks for the same quantile
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile of Student's t with ``df`` degrees of freedom (``0.5 < p < 1``), by bisection on ``t_cdf``."""
     if not 0.5 < p < 1:

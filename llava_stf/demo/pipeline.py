@@ -99,15 +99,17 @@ PRESETS = {"default": DemoSettings(), "fast": FAST, "long": LONG}
 
 
 def add_preset_flags(parser: argparse.ArgumentParser) -> None:
-    """``--fast`` / ``--long``: the settings presets of ``pipeline.PRESETS`` (neither: the 5-minute default)."""
+    """``--fast`` / ``--long`` set ``args.preset``, a key of ``PRESETS`` (neither: ``"default"``, the 5-minute run)."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--fast", action="store_true", help="seconds-scale settings for tests (numbers are noise)")
-    group.add_argument("--long", action="store_true", help="batch 64, 3,000 scenes, ~3x the stage-2 samples: "
-                       "binds better than the default, about 6 min on 2 cores")  # fmt: skip
+    group.add_argument("--fast", dest="preset", action="store_const", const="fast", default="default",
+                       help="seconds-scale settings for tests (numbers are noise)")  # fmt: skip
+    group.add_argument("--long", dest="preset", action="store_const", const="long", help="batch 64, 3,000 scenes, "
+                       "~3x the stage-2 samples: binds better than the default, about 6 min on 2 cores")  # fmt: skip
 
 
-def preset_name(args: argparse.Namespace) -> str:
-    return "fast" if args.fast else "long" if args.long else "default"
+def preset_suffix(preset: str) -> str:
+    """The run-folder suffix of a preset: ``-fast``, ``-long``, nothing for the default."""
+    return "" if preset == "default" else f"-{preset}"
 
 
 def _cached(marker: Path, wanted: dict[str, Any]) -> bool:
@@ -353,7 +355,7 @@ __all__ = [
     "evaluate_reduced",
     "prepare_data",
     "prepare_llm",
-    "preset_name",
+    "preset_suffix",
     "run_pipeline",
     "stage_argv",
 ]
