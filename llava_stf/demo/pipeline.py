@@ -217,7 +217,7 @@ def train_stage(argv: list[str], upstream: list[str]) -> tuple[Path, dict[str, A
             return out, saved, True
         marker.unlink()
     start = time.perf_counter()
-    trainer = run(config)
+    trainer = run(config, quiet=True)  # the demo prints its own line per stage
     losses = [e["train_loss"] for e in trainer.state.log_history if "train_loss" in e]
     record = {"config": current, "upstream": upstream, "train_loss": losses[-1] if losses else None,
               "seconds": round(time.perf_counter() - start, 1), "data": dict(trainer.data_counts)}  # fmt: skip

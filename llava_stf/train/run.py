@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, set_seed
 from transformers.modeling_utils import set_zero3_state
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from llava_stf.data.collator import DataCollator
 from llava_stf.data.conversation import Template, get_template
@@ -177,8 +178,19 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def run(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> LlavaStfTrainer:
-    """Train one stage as configured (with extra ``TrainerCallback``s); return the trainer, after saving."""
+class _BarOnly(ProgressCallback):
+    """transformers' progress bar without the log dicts it writes under it."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        return None
+
+
+def run(config: RunConfig, callbacks: list[TrainerCallback] | None = None, quiet: bool = False) -> LlavaStfTrainer:
+    """Train one stage as configured (with extra ``TrainerCallback``s); return the trainer, after saving.
+
+    ``quiet``: print no log dicts on the terminal (a caller that reports the run itself, like the demo); the
+    progress bar stays if ``disable_tqdm`` allows it, and ``trainer.state.log_history`` keeps every log.
+    """
     stage = get_stage(config.stage.stage)
     args, d = config.training, config.data
     args.remove_unused_columns = False  # the collator's keys are not all forward() arguments
@@ -215,6 +227,10 @@ def run(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> Ll
         max_bad_sample_fraction=d.max_bad_sample_fraction,
         callbacks=callbacks,
     )
+    if quiet:
+        trainer.remove_callback(PrinterCallback)
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(_BarOnly)
     trainer.train(resume_from_checkpoint=plan.resume_from)
     if any(trainer.data_counts[k] for k in ("dropped", "skipped", "truncated")):
         logger.warning("data: %s", dict(trainer.data_counts))

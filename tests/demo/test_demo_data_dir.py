@@ -90,6 +90,7 @@ def test_data_dir_runs_the_recipe_scores_its_categories_and_reuses_by_content(tm
     printed = capsys.readouterr().out
     assert all(f"[{i}/6]" in printed for i in range(1, 7)) and "48 px images" in printed
     assert "    pattern" in printed and "    tint" in printed and "chat: USER 'Striped or dotted?'" in printed
+    assert "'train_runtime'" not in printed  # one line per stage, not transformers' log dicts
     assert folder_digest(world) == before  # the user's folder is never written
 
     run = "mbtf_stf-seed0-fast"
