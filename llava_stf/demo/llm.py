@@ -47,13 +47,17 @@ def pretrain_text(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = False,
+    max_tokens: int | None = None,
 ) -> float:
     """Train ``model`` in place with next-token loss on ``texts`` (each one document: BOS + text + EOS, padded with
-    ignored labels); returns the mean loss of the last 10 steps (``nan`` when ``steps`` is 0)."""
+    ignored labels); returns the mean loss of the last 10 steps (``nan`` when ``steps`` is 0).
+
+    ``max_tokens``: each document's first tokens only (the stages' ``model_max_length``: a long multi-turn record of
+    a world of one's own must not make every step as long as the longest record)."""
     if not texts:
         raise ValueError("pretrain_text: no texts to train on")
     eos = tokenizer.eos_token_id
-    docs = [tokenizer(t)["input_ids"] + [eos] for t in texts]
+    docs = [(tokenizer(t)["input_ids"] + [eos])[:max_tokens] for t in texts]
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=max(steps, 1), pct_start=0.1)

@@ -142,7 +142,7 @@ def prepare_llm(out: Path, world: World, s: DemoSettings, progress: bool = False
     marker = folder / "demo_llm.json"
     wanted = {"hidden": s.llm_hidden, "layers": s.llm_layers, "vocab": s.vocab_size, "seed": s.seed,
               "pretrain_steps": s.llm_pretrain_steps, "pretrain_lr": s.llm_pretrain_lr, "corpus": "captioned-v1",
-              "head_std": s.llm_head_std, "data": world.keys["text"]}  # fmt: skip
+              "max_tokens": s.max_length, "head_std": s.llm_head_std, "data": world.keys["text"]}  # fmt: skip
     if _cached(marker, wanted):
         return folder
     texts = [t["value"].replace("<image>", "") for path in (world.pretrain, world.finetune)
@@ -163,7 +163,7 @@ def prepare_llm(out: Path, world: World, s: DemoSettings, progress: bool = False
     torch.nn.init.normal_(model.lm_head.weight, std=s.llm_head_std)  # 0.02 stalls stage 2's lookups (see the field)
     documents = world_documents(world.pretrain, world.finetune)
     loss = pretrain_text(model, tokenizer, documents, s.llm_pretrain_steps, s.llm_pretrain_lr, seed=s.seed,
-                         progress=progress)  # fmt: skip
+                         progress=progress, max_tokens=s.max_length)  # fmt: skip
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     marker.write_text(json.dumps({**wanted, "pretrain_loss": loss}, indent=1))

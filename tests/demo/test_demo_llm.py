@@ -49,6 +49,20 @@ def test_pretrain_text_lowers_the_loss_and_rejects_an_empty_corpus() -> None:
         pretrain_text(model, tokenizer, [], steps=1, lr=1e-3)
 
 
+def test_pretrain_text_cuts_each_document_at_max_tokens() -> None:
+    """A world of one's own may hold long multi-turn records: pre-training reads each one's first ``max_tokens``
+    (the stages' ``model_max_length``), so no step is as long as the longest record."""
+    texts = ["red circle " * 100, "blue square"]
+    tokenizer = tiny_tokenizer(300, corpus=texts, with_image_token=False, with_pad_token=False)
+    model = LlamaForCausalLM(tiny_text_config(len(tokenizer), hidden_size=32, intermediate_size=64, pad_token_id=None))
+    widths: list[int] = []
+    model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    pretrain_text(model, tokenizer, texts, steps=2, lr=1e-3, batch_size=2, max_tokens=24)
+    assert widths == [24, 24]
+    pretrain_text(model, tokenizer, texts, steps=1, lr=1e-3, batch_size=2)
+    assert widths[-1] > 100
+
+
 def test_prepare_llm_draws_the_output_layer_at_its_own_std(tmp_path) -> None:
     """The demo's LLM starts its output layer at ``llm_head_std`` (0.05; transformers' Llama init gives every matrix
     std 0.02, which stalls stage 2's lookups); everything else keeps transformers' init."""
