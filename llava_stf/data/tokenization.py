@@ -29,6 +29,7 @@ several spaces at a cut (``"why  ASSISTANT:"``), which SentencePiece may segment
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -41,6 +42,24 @@ IGNORE_INDEX = -100
 NO_SUPERVISION = "no_supervision"  # SkippedSample.reason: nothing left to train on
 SPECIAL_TOKEN_IN_TEXT = "special_token_in_text"  # SkippedSample.reason: a message spells BOS / EOS / <image>
 _TEXT_CONTEXT = "a"  # one-token word encoded before a running-text piece, then dropped
+MEMO_ENTRIES = 8192  # texts remembered per tokenizer by ``encode``; 0: none (``llava_stf.bench.tokenize``)
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(text, vocab size): ids}
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """``tokenizer.encode(text, add_special_tokens=False)``, remembered per tokenizer: every sample repeats the system
+    prompt, role tags and instruction suffixes, whose encoding was most of a sample's tokenization time. The key holds
+    the vocabulary size (added tokens change encodings); a full memo is emptied and refilled."""
+    if MEMO_ENTRIES <= 0:
+        return tokenizer.encode(text, add_special_tokens=False)
+    memo = _MEMO.setdefault(tokenizer, {})
+    key = (text, len(tokenizer))
+    ids = memo.get(key)
+    if ids is None:
+        if len(memo) >= MEMO_ENTRIES:
+            memo.clear()
+        ids = memo[key] = tuple(tokenizer.encode(text, add_special_tokens=False))
+    return list(ids)
 
 
 class ImageTokenSpec(Protocol):
@@ -85,8 +104,8 @@ class TokenizationMismatchError(RuntimeError):
 
 def leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The ids the tokenizer puts before a text (``[BOS]`` for Llama, ``[]`` for Qwen-style tokenizers)."""
-    plain = tokenizer.encode(_TEXT_CONTEXT, add_special_tokens=False)
-    full = tokenizer.encode(_TEXT_CONTEXT, add_special_tokens=True)
+    plain = encode(tokenizer, _TEXT_CONTEXT)
+    full = tokenizer.encode(_TEXT_CONTEXT, add_special_tokens=True)  # BOS settings can change: not remembered
     for start in range(len(full) - len(plain) + 1):
         if full[start : start + len(plain)] == plain:
             return full[:start]
@@ -119,7 +138,7 @@ class _PieceEncoder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image: ImageTokenSpec | None):
         self.tokenizer, self.image = tokenizer, image
         self.context: tuple[str, list[int]] | None = None  # None at a chunk start, else (text, its ids) before it
-        self.text_context = (_TEXT_CONTEXT, tokenizer.encode(_TEXT_CONTEXT, add_special_tokens=False))
+        self.text_context = (_TEXT_CONTEXT, encode(tokenizer, _TEXT_CONTEXT))
         forbidden = [tokenizer.bos_token_id, tokenizer.eos_token_id, image.image_token_id if image else None]
         self.forbidden = {i for i in forbidden if i is not None}
 
@@ -144,10 +163,10 @@ class _PieceEncoder:
 
     def _text(self, piece: str) -> list[int]:
         if self.context is None:
-            ids = self.tokenizer.encode(piece, add_special_tokens=False)
+            ids = encode(self.tokenizer, piece)
         else:
             context, prefix = self.context
-            ids = self.tokenizer.encode(context + piece, add_special_tokens=False)
+            ids = encode(self.tokenizer, context + piece)
             if ids[: len(prefix)] != prefix:
                 raise ValueError(f"{piece!r} merges with its context {context!r}; templates must cut before a space")
             ids = ids[len(prefix) :]

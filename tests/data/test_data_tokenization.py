@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from tokenizers import normalizers
 from transformers import LlamaTokenizer
 
+from llava_stf.data import tokenization
 from llava_stf.data.conversation import GPT, HUMAN, Turn, get_template, normalize_record
 from llava_stf.data.tokenization import (
     IGNORE_INDEX,
@@ -31,7 +32,7 @@ from llava_stf.data.tokenization import (
     tokenize_conversation,
     tokenize_prompt,
 )
-from llava_stf.testing import IMAGE_TOKEN, make_image, tiny_config, tiny_processor
+from llava_stf.testing import IMAGE_TOKEN, make_image, tiny_config, tiny_processor, tiny_tokenizer
 
 SYSTEM = get_template("vicuna_v1").system
 N_IMG = 5
@@ -372,3 +373,28 @@ def test_property_sentencepiece_pieces_spell_the_render(tokenizers, case):
     out = tokenize_conversation(turns, template, tok, spec(tok, n_img), verify=True)  # raises on a mismatch
     runs = [tok.decode([tok.bos_token_id] + r) for r in supervised_runs(out.input_ids, out.labels)]
     assert runs == ["<s> " + t.text + "</s>" for t in turns if t.role == GPT]
+
+
+# ------------------------------------------------------------------------------------------------ the encode memo
+def test_encode_memo_asks_the_tokenizer_once_per_text_and_follows_added_tokens(monkeypatch):
+    tok = tiny_tokenizer()
+    real, calls = tok.encode, []
+    monkeypatch.setattr(tok, "encode", lambda text, **kw: calls.append(text) or real(text, **kw))
+    first = tokenization.encode(tok, " ASSISTANT: a red circle")
+    assert first == real(" ASSISTANT: a red circle", add_special_tokens=False)
+    first.append(-1)  # the caller's copy: the memo keeps its own
+    assert tokenization.encode(tok, " ASSISTANT: a red circle") == first[:-1] and len(calls) == 1
+    tok.add_tokens(["redcircle"])  # a new vocabulary may encode the same text differently
+    assert tokenization.encode(tok, " ASSISTANT: a red circle") == first[:-1] and len(calls) == 2
+    monkeypatch.setattr(tokenization, "MEMO_ENTRIES", 0)
+    tokenization.encode(tok, " ASSISTANT: a red circle")
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("name", ("bbpe",) + SP_FLAVOURS)
+def test_encode_memo_changes_no_id(tokenizers, name, monkeypatch):
+    tok, template = tokenizers[name], get_template("vicuna_v1")
+    remembered = [tokenize_conversation(TURNS, template, tok, spec(tok)) for _ in range(2)]
+    monkeypatch.setattr(tokenization, "MEMO_ENTRIES", 0)
+    fresh = tokenize_conversation(TURNS, template, tok, spec(tok))
+    assert remembered[0] == remembered[1] == fresh
