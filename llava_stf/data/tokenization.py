@@ -50,9 +50,12 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """``tokenizer.encode(text, add_special_tokens=False)``, remembered per tokenizer: every sample repeats the system
     prompt, role tags and instruction suffixes, whose encoding was most of a sample's tokenization time. The key holds
     the vocabulary size (added tokens change encodings); a full memo is emptied and refilled."""
-    if MEMO_ENTRIES <= 0:
+    try:
+        memo = _MEMO.setdefault(tokenizer, {}) if MEMO_ENTRIES > 0 else None
+    except TypeError:  # a tokenizer class that is not hashable or not weak-referenceable: no memo
+        memo = None
+    if memo is None:
         return tokenizer.encode(text, add_special_tokens=False)
-    memo = _MEMO.setdefault(tokenizer, {})
     key = (text, len(tokenizer))
     ids = memo.get(key)
     if ids is None:

@@ -398,3 +398,21 @@ def test_encode_memo_changes_no_id(tokenizers, name, monkeypatch):
     monkeypatch.setattr(tokenization, "MEMO_ENTRIES", 0)
     fresh = tokenize_conversation(TURNS, template, tok, spec(tok))
     assert remembered[0] == remembered[1] == fresh
+
+
+def test_encode_without_a_memo_for_an_unhashable_tokenizer():
+    class Unhashable:  # defines __eq__ only: instances cannot be dictionary keys
+        def __init__(self, tok):
+            self.tok = tok
+
+        def __eq__(self, other):
+            return self is other
+
+        def __len__(self):
+            return len(self.tok)
+
+        def encode(self, text, **kw):
+            return self.tok.encode(text, **kw)
+
+    tok = tiny_tokenizer()
+    assert tokenization.encode(Unhashable(tok), " USER: hi") == tok.encode(" USER: hi", add_special_tokens=False)
