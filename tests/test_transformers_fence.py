@@ -31,7 +31,7 @@ ALLOWED: dict[str, str] = {
             "LlavaNextForConditionalGeneration LlavaNextImageProcessorPil LlavaNextModel LlavaNextPreTrainedModel "
             "LogitsProcessor LogitsProcessorList PreTrainedModel PreTrainedTokenizerBase PreTrainedTokenizerFast "
             "StoppingCriteria StoppingCriteriaList "
-            "ProcessorMixin Trainer TrainerCallback TrainingArguments set_seed"
+            "PrinterCallback ProcessorMixin ProgressCallback Trainer TrainerCallback TrainingArguments set_seed"
         ).split()
     },
     "transformers.LlavaNextConfig": "top level (convert --to llava-hf: the config of an exported AnyRes model)",

@@ -26,9 +26,8 @@ import traceback
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, set_seed
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set_seed
 from transformers.modeling_utils import set_zero3_state
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from llava_stf.data.collator import DataCollator
 from llava_stf.data.conversation import Template, get_template
