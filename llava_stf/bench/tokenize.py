@@ -23,6 +23,7 @@ from pathlib import Path
 from ..data import tokenization
 from ..data.conversation import get_template, normalize_record
 from ..data.tokenization import SkippedSample, tokenize_conversation
+from ..errors import UserError, add_debug_flag, run_main
 
 
 class _Image:
@@ -33,27 +34,32 @@ class _Image:
 
 
 def load(args) -> tuple[list, object]:
-    """(normalised conversations, tokenizer) from ``--data``/``--tokenizer`` or a generated world."""
+    """(normalised conversations, tokenizer) from ``--data``/``--tokenizer`` or a generated world (in a temporary
+    folder, removed after reading)."""
     from transformers import AutoTokenizer
 
     if args.data is None:
         from ..data.synthetic import generate
         from ..testing import tiny_tokenizer
 
-        folder = Path(tempfile.mkdtemp(prefix="bench_tokenize_"))
-        generate(folder, num_train=args.records, num_eval=0, image_size=32)
-        records = json.loads((folder / "instruct.json").read_text())
+        with tempfile.TemporaryDirectory(prefix="bench_tokenize_") as folder:
+            generate(Path(folder), num_train=args.records, num_eval=0, image_size=32)
+            records = json.loads((Path(folder) / "instruct.json").read_text())
         texts = [t["value"] for r in records for t in r["conversations"]]
         tokenizer = tiny_tokenizer(1024, corpus=texts + [get_template(args.template).system])
     else:
         records = json.loads(Path(args.data).read_text())
+        if not isinstance(records, list):
+            raise UserError(f"{args.data}: expected a JSON list of LLaVA records, got {type(records).__name__}")
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     conversations = []
     for record in records[: args.records]:
         try:
             conversations.append(normalize_record(record))
-        except ValueError:
+        except (ValueError, KeyError, TypeError):
             continue  # malformed records are the validator's business (python -m llava_stf.data.validate)
+    if not conversations:
+        raise UserError(f"no usable records among the first {args.records}")
     return conversations, tokenizer
 
 
@@ -70,20 +76,9 @@ def time_pass(conversations: list, tokenizer, template, fresh: bool) -> float:
     return (time.perf_counter() - start) / len(conversations) * 1e3
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llava_stf.bench.tokenize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", help="a LLaVA JSON file (default: a generated world's stage-2 records)")
-    parser.add_argument("--tokenizer", help="with --data: a tokenizer folder or hub id")
-    parser.add_argument("--records", type=int, default=2000, help="records timed (default 2000)")
-    parser.add_argument("--repeats", type=int, default=5, help="passes per setting, alternating (default 5)")
-    parser.add_argument("--template", default="vicuna_v1", help="conversation template (default vicuna_v1)")
-    args = parser.parse_args(argv)
-    if (args.data is None) != (args.tokenizer is None):
-        parser.error("--data and --tokenizer go together")
-    conversations, tokenizer = load(args)
-    if not conversations:
-        parser.error("no usable records")
+def run(args: argparse.Namespace) -> int:
     template = get_template(args.template)
+    conversations, tokenizer = load(args)
     size = tokenization.MEMO_ENTRIES
     off, on, first = [], [], []
     try:
@@ -102,6 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  memo on, later passes    {statistics.median(on):7.3f}   ({base / statistics.median(on):.2f}x)")
     print(f"  remembered texts: {len(tokenization._MEMO.get(tokenizer, {}))} (MEMO_ENTRIES {size})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llava_stf.bench.tokenize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="a LLaVA JSON file (default: a generated world's stage-2 records)")
+    parser.add_argument("--tokenizer", help="with --data: a tokenizer folder or hub id")
+    parser.add_argument("--records", type=int, default=2000, help="records timed (default 2000)")
+    parser.add_argument("--repeats", type=int, default=5, help="passes per setting, alternating (default 5)")
+    parser.add_argument("--template", default="vicuna_v1", help="conversation template (default vicuna_v1)")
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    if (args.data is None) != (args.tokenizer is None):
+        parser.error("--data and --tokenizer go together")
+    if args.records < 1 or args.repeats < 1:
+        parser.error("--records and --repeats must be >= 1")
+    return run_main(lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":
