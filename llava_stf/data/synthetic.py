@@ -153,6 +153,11 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     return out
 
 
+def answer_text(answer: str) -> str:
+    """An answer as the instruction records word it (``yes``/``no`` capitalised, as LLaVA's short answers)."""
+    return answer.capitalize() if answer in ("yes", "no") else answer
+
+
 def answer_from_scene(scene: Scene, family: str, question: str) -> str:
     """Recompute an answer from the scene description alone (used by tests and sanity checks)."""
     words = question.rstrip("?").split()
@@ -201,7 +206,7 @@ def generate(out: Path, num_train: int = 1000, num_eval: int = 200, image_size: 
                 conv = []
                 for k, (_family, q, a) in enumerate(turns):
                     conv.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + f"{q}\n{SHORT_ANSWER}"})
-                    conv.append({"from": "gpt", "value": a.capitalize() if a in ("yes", "no") else a})
+                    conv.append({"from": "gpt", "value": answer_text(a)})
                 instruct.append({"id": f"qa_{i}", "image": scene.image, "conversations": conv})
                 if i % 10 == 0:  # text-only samples, as in LLaVA's mix
                     n = rng.randint(1, 4)

@@ -1,17 +1,20 @@
 """``python -m llava_stf.demo``: the main job on the embedded default, offline on a CPU in a few minutes.
 
-``python -m llava_stf.demo [--out playground/demo] [--seed 0] [--fast | --long]`` generates the visual-QA world,
-pre-trains the tiny vision tower, trains a tiny ``mbtf_stf`` LLaVA in two stages with ``llava_stf.train.run``,
+``python -m llava_stf.demo [--out playground/demo] [--seed 0] [--fast | --captions | --long]`` generates the visual-QA
+world, pre-trains the tiny vision tower, loads the pre-built cell-word LLM shipped with the package (``scene_llm``;
+``--captions``: the previous recipe, an LLM pre-trained here on the world's captions, as ``--data`` worlds get),
+trains a tiny ``mbtf_stf`` LLaVA in two stages with ``llava_stf.train.run``,
 evaluates it with the ``synthetic`` benchmark, asks it one question about a generated image through ``ChatSession``,
 and prints a short summary (accuracy per question family next to the same model's accuracy with a blank image,
 visual tokens, FLOPs). A second run reuses every valid step (see ``pipeline``). ``--fast`` is a seconds-scale
-configuration for tests (its numbers mean nothing); ``--long`` (``pipeline.LONG``) trains stage 2 at batch 64 on 3x
-the scenes, past the 5-minute budget (about 6 min on 2 cores), and binds a few points better. Their run folders end
-in ``-fast`` or ``-long``.
+configuration for tests (its numbers mean nothing); ``--long`` (``pipeline.LONG``) trains the ``--captions`` recipe's
+stage 2 at batch 64 on 3x the scenes, past the 5-minute budget (about 6 min on 2 cores). Their run folders end
+in ``-fast``, ``-captions`` or ``-long``.
 
-``python -m llava_stf.demo --data DIR [--out playground/demo/worlds/<DIR's name>]`` runs the same recipe on any
-LLaVA-format folder: ``pretrain.json`` (caption conversations), ``finetune.json`` (instruction conversations), images
-named relative to DIR, ``eval/questions.jsonl`` and ``eval/answers.jsonl`` (scored per ``category``);
+``python -m llava_stf.demo --data DIR [--out playground/demo/worlds/<DIR's name>]`` runs the ``--captions``
+recipe on any LLaVA-format folder: ``pretrain.json`` (caption conversations), ``finetune.json`` (instruction
+conversations), images named relative to DIR, ``eval/questions.jsonl`` and ``eval/answers.jsonl`` (scored per
+``category``);
 ``--pretrain-file``, ``--finetune-file``, ``--questions`` and ``--answers`` name other files (relative to DIR or
 absolute). DIR is only read; its image size sets the tower's (see ``world``).
 
@@ -20,6 +23,9 @@ budget and seeds and writes ``results.md``, ``results.csv`` and ``results.png`` 
 
 ``python -m llava_stf.demo oracle [--out playground/demo] [--seed 0]`` asks the demo's text LLM the held-out questions
 with the true caption instead of the image: what it can do with perfect visual information (see ``oracle``).
+
+``python -m llava_stf.demo build-llm [--out DIR]`` rebuilds the pre-built LLM (about 19 min on one core; see
+``scene_llm``).
 
 ``python -m llava_stf.demo probe [--out playground/demo] [--layer -2]`` fits linear probes (colour, shape, grid
 position) on the frozen vision tower's features under each object: what the tower gives the LLM to read (see
@@ -112,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         from .oracle import main as oracle_main
 
         return run_main(lambda: oracle_main(argv[1:]))
+    if argv[:1] == ["build-llm"]:
+        from .scene_llm import main as build_main
+
+        return run_main(lambda: build_main(argv[1:]))
     if argv[:1] == ["probe"]:
         from .probe import main as probe_main
 

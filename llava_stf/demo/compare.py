@@ -3,11 +3,13 @@
 Each (projector, seed) runs the demo pipeline (``pipeline.run_pipeline``) with identical settings except
 ``projector_type`` and ``seed``: the same generated world (data seed 0), the same pre-trained vision tower, a tiny
 LLM initialised from the seed and pre-trained on the world's text, the same epochs / batch / learning rates for both
-stages. Runs are cached like the demo's (the demo's own ``mbtf_stf-seed0`` run is reused). Writes into ``--results``
+stages. Runs are cached like the demo's (the demo's own run of the same preset is reused, e.g.
+``mbtf_stf-seed0-captions`` of ``python -m llava_stf.demo --captions``). Writes into ``--results``
 (default ``<out>/compare``): ``results.csv`` (one row per run), ``results.md`` (mean and spread over seeds per
 projector and question family, and the same for each run's blank-image control) and ``results.png`` (accuracy
 against visual tokens and against prefill FLOPs, one panel per family; matplotlib, Agg backend). The world is not
-tuned for any projector. ``--fast`` / ``--long`` pick the demo's presets (``pipeline.PRESETS``) for every run.
+tuned for any projector. It measures the caption-LLM recipe (``--captions``, ``pipeline.CAPTIONS``: why) unless
+``--cells``, ``--fast`` or ``--long`` picks another of the demo's presets (``pipeline.PRESETS``) for every run.
 
 Trained against training-free compression: each seed's ``mlp2x_gelu`` checkpoint is also evaluated with the
 reducers of ``--reducers`` (default ``REDUCERS``) at ``--reducer-tokens`` image tokens (default: a quarter of its
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"training-free reducers on the {BASE} checkpoints (default: {' '.join(REDUCERS)}; "
                         "none: pass the flag alone)")  # fmt: skip
     parser.add_argument("--reducer-tokens", type=int, help=f"their image-token budget (default: a quarter of {BASE}'s)")
-    add_preset_flags(parser)
+    add_preset_flags(parser, default="captions")  # see pipeline.CAPTIONS: why not the cell-word LLM
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if BASE not in args.projectors and "--reducers" not in argv:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,8 +50,8 @@ def pretrain_text(
     progress: bool = False,
     max_tokens: int | None = None,
 ) -> float:
-    """Train ``model`` in place with next-token loss on ``texts`` (each one document: BOS + text + EOS, padded with
-    ignored labels); returns the mean loss of the last 10 steps (``nan`` when ``steps`` is 0).
+    """Train ``model`` in place with next-token loss on ``texts`` (each one document: BOS + text + EOS, every token
+    trained on); returns the mean loss of the last 10 steps (``nan`` when ``steps`` is 0).
 
     ``max_tokens``: each document's first tokens only (the stages' ``model_max_length``: a long multi-turn record of
     a world of one's own must not make every step as long as the longest record)."""
@@ -58,31 +59,45 @@ def pretrain_text(
         raise ValueError("pretrain_text: no texts to train on")
     eos = tokenizer.eos_token_id
     docs = [(tokenizer(t)["input_ids"] + [eos])[:max_tokens] for t in texts]
+    return train_lm(model, [(d, d) for d in docs], steps, lr, eos, batch_size, seed, progress)
+
+
+def train_lm(model: LlamaForCausalLM, docs: list[tuple[list[int], list[int]]], steps: int, lr: float, pad_id: int,
+             batch_size: int = 32, seed: int = 0, progress: bool = False, desc: str = "llm (text pre-training)",
+             after_step: Callable[[], None] | None = None) -> float:  # fmt: skip
+    """Train ``model`` in place on ``docs`` (``(input_ids, labels)``, [T] each; ``labels`` -100 where not trained
+    on) with AdamW and a one-cycle schedule, ``batch_size`` documents per step in shuffled epochs, padded with
+    ``pad_id`` (masked); returns the mean loss of the last 10 steps (``nan`` when ``steps`` is 0). ``after_step``:
+    called after every optimiser step (and once before the first)."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=max(steps, 1), pct_start=0.1)
     model.train()
     order: list[int] = []
     losses: list[float] = []
-    for _ in tqdm(range(steps), desc="llm (text pre-training)", disable=not progress):
+    if after_step is not None:
+        after_step()
+    for _ in tqdm(range(steps), desc=desc, disable=not progress):
         if len(order) < batch_size:
             order += rng.sample(range(len(docs)), len(docs))
         batch, order = [docs[i] for i in order[:batch_size]], order[batch_size:]
-        width = max(map(len, batch))
-        ids = torch.tensor([d + [eos] * (width - len(d)) for d in batch])  # (batch, width)
-        labels = torch.tensor([d + [-100] * (width - len(d)) for d in batch])
-        mask = (labels != -100).long()
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([d + [pad_id] * (width - len(d)) for d, _ in batch])  # (batch, width)
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for d, _ in batch])
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        if after_step is not None:
+            after_step()
     model.eval()
     tail = losses[-10:]
     final = sum(tail) / len(tail) if tail else float("nan")
-    logger.info("llm text pre-training: %d steps, final loss %.3f", steps, final)
+    logger.info("%s: %d steps, final loss %.3f", desc, steps, final)
     return final
 
 
-__all__ = ["pretrain_text", "world_documents"]
+__all__ = ["pretrain_text", "train_lm", "world_documents"]

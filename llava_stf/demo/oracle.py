@@ -54,6 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="only the first N questions")
     args = parser.parse_args(argv)
     llm, data = args.out / f"llm-seed{args.seed}", args.out / "synthetic"
+    if not (llm / "config.json").is_file() and (data / "scenes.jsonl").is_file():
+        from .scene_llm import PREBUILT, read_build
+
+        record = read_build(PREBUILT) or {}
+        score = record.get("held_out_accuracy", {})
+        families = ", ".join(f"{k} {v}%" for k, v in score.items() if k != "overall")
+        print(f"{args.out} used the pre-built cell-word LLM ({PREBUILT}; no caption-trained llm-seed{args.seed}): "
+              f"given the true cells of held-out scenes it answers {score.get('overall', 'n/a')}% ({families}), "
+              "from its build.json")  # fmt: skip
+        return 0
     missing = [str(p) for p in (llm / "config.json", data / "scenes.jsonl") if not p.is_file()]
     if missing:
         hint = f"run `python -m llava_stf.demo --out {args.out}` first"

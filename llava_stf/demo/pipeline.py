@@ -6,7 +6,10 @@ folder (default ``playground/demo``)::
 
     synthetic/         the generated world (+ demo_data.json: the generator settings)
     vision/            the pre-trained tiny CLIP (+ demo_vision.json, see ``vision``)
-    llm-seed<n>/       a tiny Llama pre-trained on the world's text + its BPE tokenizer (+ demo_llm.json)
+    (the LLM)          the generated world: the pre-built cell-word Llama shipped with the package
+                       (``scene_llm.PREBUILT``; rebuilt into scene-llm/ only when missing or altered)
+    llm-seed<n>/       with ``--data`` (or ``llm="captions"``): a tiny Llama pre-trained on the world's text + its
+                       BPE tokenizer (+ demo_llm.json)
     <run>/stage1/      projector checkpoint of stage 1 (+ demo_stage.json)
     <run>/stage2/      full checkpoint of stage 2 (+ demo_stage.json)
     results/<run>/     results.json of the evaluation; answers in synthetic/eval/model_answers/<run>.jsonl
@@ -32,7 +35,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +44,7 @@ from transformers import LlamaForCausalLM
 from ..data.synthetic import BLANK_SPLIT, generate, write_blank_split
 from ..testing import _CORPUS, tiny_text_config, tiny_tokenizer
 from .llm import pretrain_text, world_documents
+from .scene_llm import BUILD_FILE, PREBUILT, SceneLLMSettings, build_scene_llm, read_build
 from .vision import MARKER as VISION_MARKER
 from .vision import VisionSettings, pretrain_vision_tower
 from .world import World, digest, generated_world, load_world, patch_size
@@ -57,10 +61,15 @@ class DemoSettings:
     """Everything that decides the demo's result (the cache keys)."""
 
     num_train: int = 1000  # generated training scenes (captions + instruction records)
-    num_eval: int = 100  # held-out scenes (about 6 questions each)
-    image_size: int = 64
+    num_eval: int = 100  # held-out scenes (about 9 questions each)
+    image_size: int = 96  # with 16-px patches: a 6 x 6 patch grid, 3 x 3 after the 4x projectors = the scene's cells
     data_seed: int = 0  # the world; kept fixed across training seeds
-    vision: VisionSettings = field(default_factory=VisionSettings)
+    vision: VisionSettings = field(default_factory=lambda: VisionSettings(image_size=96, patch_size=16))
+    # The LLM. "cells": the pre-built tiny Vicuna that reads scenes written in cell words (``scene_llm``; one for
+    # every training seed, as LLaVA starts every run from the same Vicuna). "captions": a tiny Llama pre-trained here,
+    # per seed, on the world's captions and instructions (the recipe of a world of one's own, ``--data``); the
+    # llm_* fields below are its settings.
+    llm: str = "cells"
     llm_hidden: int = 128  # tiny Llama width (from scratch)
     llm_layers: int = 2
     llm_pretrain_steps: int = 200  # text pre-training of the tiny Llama (see ``llm``), before stage 1
@@ -69,19 +78,25 @@ class DemoSettings:
     vocab_size: int = 1024  # BPE trained on the generated text
     projector_type: str = "mbtf_stf"
     stage1_epochs: float = 5.0  # the tiny model needs many more steps than LLaVA's 1 epoch (see ``stage2_epochs``)
-    stage2_epochs: float = 10.0  # 3 epochs: constant answer per family (23.6%); 10: 29.6%; 20: 30.2%, 2x the time
+    stage2_epochs: float = 10.0  # "captions" LLM: 3 epochs: constant answer per family (23.6%); 10: 29.6%; 20: 30.2%
     batch_size: int = 16
     stage1_lr: float = 1e-3
-    stage2_lr: float = 1e-3  # high: the LLM starts from scratch
+    stage2_lr: float = 2e-4  # a pre-trained LLM: 1e-3 unlearns its lookups (66% -> 42% overall on the cells LLM)
     max_length: int = 512  # tokens per sample, image tokens included (nothing is truncated at the defaults)
     eval_batch_size: int = 32
     seed: int = 0  # training seed (projector init, data order)
 
 
+# A world of one's own has no scene descriptions: its LLM is pre-trained on its own text and starts from scratch,
+# where stage 2's higher learning rate is what works (``run_pipeline(data=...)`` applies this).
+USER_WORLD = {"llm": "captions", "stage2_lr": 1e-3}
+
 FAST = DemoSettings(
     num_train=48,
     num_eval=6,
+    image_size=64,
     vision=VisionSettings(hidden_size=32, steps=4, batch_size=16),
+    llm="captions",
     llm_hidden=32,
     llm_pretrain_steps=4,
     vocab_size=400,
@@ -91,20 +106,32 @@ FAST = DemoSettings(
     eval_batch_size=16,
 )
 
-# Past the 5-minute budget (about 6 min alone on 2 cores): 4x the batch and ~3x the samples of stage 2. Batch 16
-# learns to bind a question's words to image positions far more slowly than 64 (``scripts/binding_toy.py``; LLaVA-1.5
-# itself uses 128 in stage 2), and ~500 steps at 64 are needed: ~350 steps left the model where the default is.
-LONG = replace(DemoSettings(), num_train=3000, batch_size=64, stage1_epochs=1.0, stage2_epochs=10.0)
-PRESETS = {"default": DemoSettings(), "fast": FAST, "long": LONG}
+# The previous default (``--captions``): a 64-px world (8 x 8 patches, 16 tokens after the 4x projectors) and a tiny
+# Llama pre-trained here, per seed, on the world's captions and instructions (the recipe of ``--data``). It reads
+# colour and count but learns no lookups in the budget (~32 %, ``docs/demo-compare/miniature-limits.md``). The
+# projector comparison (``compare``) measures this recipe: under the cell-word LLM the 36-token projectors do not yet
+# learn to write its 6 x 6 grid (``mlp2x_gelu`` 27 % against ``mbtf_stf``'s 64 %), which would rank the language, not
+# the projectors.
+CAPTIONS = DemoSettings(image_size=64, vision=VisionSettings(), llm="captions", stage2_lr=1e-3)
+# The caption recipe past the 5-minute budget (about 6 min alone on 2 cores): 4x the batch and ~3x the samples of
+# stage 2. Batch 16 learns to bind a question's words to image positions far more slowly than 64
+# (``scripts/binding_toy.py``), and ~500 steps at 64 are needed: ~350 steps left the model where that recipe is.
+LONG = replace(CAPTIONS, num_train=3000, batch_size=64, stage1_epochs=1.0, stage2_epochs=10.0)
+PRESETS = {"default": DemoSettings(), "captions": CAPTIONS, "fast": FAST, "long": LONG}
 
 
-def add_preset_flags(parser: argparse.ArgumentParser) -> None:
-    """``--fast`` / ``--long`` set ``args.preset``, a key of ``PRESETS`` (neither: ``"default"``, the 5-minute run)."""
+def add_preset_flags(parser: argparse.ArgumentParser, default: str = "default") -> None:
+    """``--cells`` / ``--fast`` / ``--captions`` / ``--long`` set ``args.preset``, a key of ``PRESETS`` (none:
+    ``default``)."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--fast", dest="preset", action="store_const", const="fast", default="default",
+    group.add_argument("--cells", dest="preset", action="store_const", const="default", default=default,
+                       help="the demo's default recipe: 96-px world, the pre-built cell-word LLM")  # fmt: skip
+    group.add_argument("--fast", dest="preset", action="store_const", const="fast", default=default,
                        help="seconds-scale settings for tests (numbers are noise)")  # fmt: skip
-    group.add_argument("--long", dest="preset", action="store_const", const="long", help="batch 64, 3,000 scenes, "
-                       "~3x the stage-2 samples: binds better than the default, about 6 min on 2 cores")  # fmt: skip
+    group.add_argument("--captions", dest="preset", action="store_const", const="captions", help="the previous "
+                       "recipe: 64-px world, a tiny LLM pre-trained here on the world's captions")  # fmt: skip
+    group.add_argument("--long", dest="preset", action="store_const", const="long", help="the --captions recipe at "
+                       "batch 64 on 3,000 scenes, ~3x the stage-2 samples, about 6 min on 2 cores")  # fmt: skip
 
 
 def preset_suffix(preset: str) -> str:
@@ -136,8 +163,41 @@ def prepare_data(out: Path, s: DemoSettings) -> Path:
 
 
 def prepare_llm(out: Path, world: World, s: DemoSettings, progress: bool = False) -> Path:
+    """The demo's Vicuna (``s.llm``): the pre-built cell-word LLM (``prepare_scene_llm``) or one pre-trained here on
+    the world's captions and instructions (``prepare_caption_llm``)."""
+    if s.llm == "cells":
+        if world.staged is not None:
+            raise ValueError("the cell-word LLM reads the generated world's scenes; a world of one's own uses "
+                             "llm='captions' (pipeline.USER_WORLD)")  # fmt: skip
+        return prepare_scene_llm(out, progress)
+    if s.llm != "captions":
+        raise ValueError(f"unknown DemoSettings.llm {s.llm!r}; valid: 'cells', 'captions'")
+    return prepare_caption_llm(out, world, s, progress)
+
+
+def llm_marker(llm: Path) -> Path:
+    """The file whose digest keys the stages on ``llm`` (a cell-word build's ``build.json``, else ``demo_llm.json``)."""
+    build = llm / BUILD_FILE
+    return build if build.is_file() else llm / "demo_llm.json"
+
+
+def prepare_scene_llm(out: Path, progress: bool = False) -> Path:
+    """The cell-word LLM of ``SceneLLMSettings()``: the build shipped with the package when its files match their
+    digests and its settings are these, else one built before in ``out/scene-llm``, else built there now (about
+    19 min on one core: ``scene_llm``)."""
+    wanted = json.loads(json.dumps(asdict(SceneLLMSettings())))
+    for folder in (PREBUILT, out / "scene-llm"):
+        build = read_build(folder)
+        if build is not None and build["settings"] == wanted:
+            return folder
+    logger.warning("the pre-built LLM (%s) is missing, altered or for other settings: building it in %s (about "
+                   "19 min on one core)", PREBUILT, out / "scene-llm")  # fmt: skip
+    return build_scene_llm(out / "scene-llm", SceneLLMSettings(), progress)
+
+
+def prepare_caption_llm(out: Path, world: World, s: DemoSettings, progress: bool = False) -> Path:
     """A tiny Llama (random init, one per seed) + a BPE tokenizer trained on the world's text, pre-trained on that
-    text (``llm.pretrain_text``, the demo's Vicuna) and saved as an ordinary checkpoint in ``out/llm-seed<seed>``."""
+    text (``llm.pretrain_text``) and saved as an ordinary checkpoint in ``out/llm-seed<seed>``."""
     folder = out / f"llm-seed{s.seed}"
     marker = folder / "demo_llm.json"
     wanted = {"hidden": s.llm_hidden, "layers": s.llm_layers, "vocab": s.vocab_size, "seed": s.seed,
@@ -286,13 +346,14 @@ def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool 
     else:
         world = load_world(data.resolve(), out / "data", files or {})
         size = world.image_size
-        s = replace(s, image_size=size, vision=replace(s.vision, image_size=size, patch_size=patch_size(size)))
+        s = replace(s, image_size=size, vision=replace(s.vision, image_size=size, patch_size=patch_size(size)),
+                    **USER_WORLD)  # fmt: skip
         say(1, f"{world.root} ({size} px images; questions and blank control staged in {world.staged})")
     vision = pretrain_vision_tower(world, out / "vision", s.vision, progress=progress)
     say(2, f"{vision}")
     llm = prepare_llm(out, world, s, progress=progress)
     say(3, f"{llm}")
-    ups = [world.keys["train"], digest(vision / VISION_MARKER), digest(llm / "demo_llm.json")]
+    ups = [world.keys["train"], digest(vision / VISION_MARKER), digest(llm_marker(llm))]
     argv1 = stage_argv("pretrain", out / name / "stage1", (vision, llm), world, s, None, progress)
     stage1, rec1, reused1 = train_stage(argv1, ups)
     say(4, f"{'reused' if reused1 else 'trained'} {stage1} (loss {format_loss(rec1['train_loss'])})")
@@ -346,15 +407,20 @@ def evaluate_reduced(report: RunReport, out: Path, s: DemoSettings, reducer: str
 
 
 __all__ = [
+    "CAPTIONS",
     "FAST",
     "LONG",
     "PRESETS",
+    "USER_WORLD",
     "DemoSettings",
     "RunReport",
     "add_preset_flags",
     "evaluate_reduced",
     "prepare_data",
+    "llm_marker",
+    "prepare_caption_llm",
     "prepare_llm",
+    "prepare_scene_llm",
     "preset_suffix",
     "run_pipeline",
     "stage_argv",

@@ -63,3 +63,29 @@ def test_long_runs_the_long_preset_and_excludes_fast(tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit) as stop:
         main(["--out", str(tmp_path / "demo"), "--long", "--fast"])
     assert stop.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_presets_pick_the_llm_recipe(tmp_path, capsys, monkeypatch):
+    """The demo's default trains on the pre-built cell-word LLM at 96 px; ``--captions`` (and ``--long``, its batch-64
+    variant) is the previous recipe, the caption-trained LLM at 64 px, under its own run name; the comparison
+    (``compare``) measures ``--captions`` unless told ``--cells``."""
+    import llava_stf.demo.__main__ as cli
+    import llava_stf.demo.compare as compare_cli
+
+    seen = []
+
+    def fake_pipeline(out, settings, name, progress, data=None, files=None):
+        seen.append((settings.llm, settings.image_size, settings.stage2_lr, name))
+        raise UserError("stopped here")
+
+    monkeypatch.setattr(cli, "run_pipeline", fake_pipeline)
+    for flags in ([], ["--captions"], ["--long"], ["--cells"]):
+        assert _run(capsys, "--out", tmp_path / "demo", *flags)[0] == 1
+    assert seen == [("cells", 96, 2e-4, "mbtf_stf-seed0"), ("captions", 64, 1e-3, "mbtf_stf-seed0-captions"),
+                    ("captions", 64, 1e-3, "mbtf_stf-seed0-long"), ("cells", 96, 2e-4, "mbtf_stf-seed0")]  # fmt: skip
+
+    picked = []
+    monkeypatch.setattr(compare_cli, "compare", lambda out, results, settings, *a, **k: picked.append(settings.llm))
+    for flags in ([], ["--cells"]):
+        compare_cli.main(["--out", str(tmp_path / "c"), *flags])
+    assert picked == ["captions", "cells"]

@@ -69,7 +69,9 @@ def test_prepare_llm_draws_the_output_layer_at_its_own_std(tmp_path) -> None:
     from llava_stf.demo.pipeline import DemoSettings, prepare_data, prepare_llm
     from llava_stf.demo.world import generated_world
 
-    s = DemoSettings(num_train=8, num_eval=2, image_size=32, llm_hidden=64, llm_pretrain_steps=0, vocab_size=400)
+    s = DemoSettings(
+        num_train=8, num_eval=2, image_size=32, llm="captions", llm_hidden=64, llm_pretrain_steps=0, vocab_size=400
+    )
     assert s.llm_head_std == 0.05
     world = generated_world(prepare_data(tmp_path, s), s.image_size)
     model = LlamaForCausalLM.from_pretrained(prepare_llm(tmp_path, world, s))
