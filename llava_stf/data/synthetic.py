@@ -175,7 +175,8 @@ def answer_from_scene(scene: Scene, family: str, question: str) -> str:
     return "yes" if any(o.color == color and o.shape == shape for o in scene.objects) else "no"
 
 
-def _rng(seed: int, split: str, index: int) -> random.Random:
+def scene_rng(seed: int, split: str, index: int) -> random.Random:
+    """The random source of scene ``index`` of ``split``: every scene is a pure function of these."""
     return random.Random(f"{seed}/{split}/{index}")
 
 
@@ -186,7 +187,7 @@ def generate(out: Path, num_train: int = 1000, num_eval: int = 200, image_size: 
     pretrain, instruct, eval_q, eval_a, scenes = [], [], [], [], []
     for split, count in (("train", num_train), ("eval", num_eval)):
         for i in range(count):
-            rng = _rng(seed, split, i)
+            rng = scene_rng(seed, split, i)
             scene = sample_scene(rng, f"images/{split}_{i:06d}.png")
             render(scene, image_size).save(out / scene.image)
             scenes.append(scene.to_json())

@@ -62,29 +62,34 @@ def pretrain_text(
     return train_lm(model, [(d, d) for d in docs], steps, lr, eos, batch_size, seed, progress)
 
 
+def pad_batch(docs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """``(input_ids, labels, attention_mask)``, each (batch, width), of ``(input_ids, labels)`` documents padded to the
+    longest with ``pad_id`` / -100 / 0."""
+    width = max(len(ids) for ids, _ in docs)
+    ids = torch.tensor([d + [pad_id] * (width - len(d)) for d, _ in docs])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in docs])
+    mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for d, _ in docs])
+    return ids, labels, mask
+
+
 def train_lm(model: LlamaForCausalLM, docs: list[tuple[list[int], list[int]]], steps: int, lr: float, pad_id: int,
              batch_size: int = 32, seed: int = 0, progress: bool = False, desc: str = "llm (text pre-training)",
              after_step: Callable[[], None] | None = None) -> float:  # fmt: skip
     """Train ``model`` in place on ``docs`` (``(input_ids, labels)``, [T] each; ``labels`` -100 where not trained
     on) with AdamW and a one-cycle schedule, ``batch_size`` documents per step in shuffled epochs, padded with
     ``pad_id`` (masked); returns the mean loss of the last 10 steps (``nan`` when ``steps`` is 0). ``after_step``:
-    called after every optimiser step (and once before the first)."""
+    called after every optimiser step."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=max(steps, 1), pct_start=0.1)
     model.train()
     order: list[int] = []
     losses: list[float] = []
-    if after_step is not None:
-        after_step()
     for _ in tqdm(range(steps), desc=desc, disable=not progress):
         if len(order) < batch_size:
             order += rng.sample(range(len(docs)), len(docs))
         batch, order = [docs[i] for i in order[:batch_size]], order[batch_size:]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([d + [pad_id] * (width - len(d)) for d, _ in batch])  # (batch, width)
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-        mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for d, _ in batch])
+        ids, labels, mask = pad_batch(batch, pad_id)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -100,4 +105,4 @@ def train_lm(model: LlamaForCausalLM, docs: list[tuple[list[int], list[int]]], s
     return final
 
 
-__all__ = ["pretrain_text", "train_lm", "world_documents"]
+__all__ = ["pad_batch", "pretrain_text", "train_lm", "world_documents"]

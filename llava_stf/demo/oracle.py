@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         record = read_build(PREBUILT) or {}
         score = record.get("held_out_accuracy", {})
         families = ", ".join(f"{k} {v}%" for k, v in score.items() if k != "overall")
-        print(f"{args.out} used the pre-built cell-word LLM ({PREBUILT}; no caption-trained llm-seed{args.seed}): "
-              f"given the true cells of held-out scenes it answers {score.get('overall', 'n/a')}% ({families}), "
+        print(f"{args.out} has no caption-trained llm-seed{args.seed} (only --captions, --long and --data runs make "
+              f"one); the default demo's LLM is the pre-built cell-word LLM ({PREBUILT}): given the true cells of "
+              f"held-out scenes it answers {score.get('overall', 'n/a')}% ({families}), "
               "from its build.json")  # fmt: skip
         return 0
     missing = [str(p) for p in (llm / "config.json", data / "scenes.jsonl") if not p.is_file()]

@@ -3,9 +3,10 @@
 ``build_scene_llm`` samples scenes from the world's generator (its own split, never the evaluation's images), trains a
 BPE tokenizer on their captions and questions, adds the cell words as single tokens, and trains a from-scratch
 Llama on the caption and question documents at every image-token grid of ``SceneLLMSettings.sides``. A cell word's
-input embedding starts as the scaled sum of its parts' (``large`` + ``red`` + ``circle``): a lookup by colour or by
-shape then starts from a key the question's own word already shares. It records the LLM's accuracy per question
-family on held-out scenes given their true cells (what the LLM can do with perfect vision) in ``build.json``.
+input embedding is kept equal to the scaled sum of its parts' (``large`` + ``red`` + ``circle``; ``compose``): a
+lookup by colour or by shape then uses a key the question's own word is part of. It records the LLM's accuracy per
+question family on held-out scenes given their true cells (what the LLM can do with perfect vision) in
+``build.json``.
 
 ``python -m llava_stf.demo build-llm [--out DIR]`` rebuilds it (about 19 min on one CPU core at the defaults). The
 build the demo uses ships with the package (``PREBUILT``, with ``build.json``: its settings, accuracy and the digest of
@@ -30,9 +31,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from ..data.conversation import IMAGE_TOKEN, get_template
-from ..data.synthetic import _rng, sample_scene
+from ..data.synthetic import sample_scene, scene_rng
+from ..errors import UserError
 from ..testing import _CORPUS, tiny_text_config, tiny_tokenizer
-from .llm import train_lm
+from .llm import pad_batch, train_lm
 from .scene_text import cell_words, encode_document, scene_conversations, scene_grid, word_parts
 
 logger = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ def documents(settings: SceneLLMSettings, split: str, count: int, tokenizer) -> 
     written at one of ``settings.sides`` (drawn per scene)."""
     out = []
     for i in range(count):
-        rng = _rng(settings.seed, split, i)
+        rng = scene_rng(settings.seed, split, i)
         scene = sample_scene(rng, "")
         words = scene_grid(scene, rng.choice(settings.sides))
         for template, family, turns in scene_conversations(scene, rng):
@@ -80,7 +82,7 @@ def generator_text(settings: SceneLLMSettings, count: int = 2000) -> list[str]:
     """The rendered conversations (templates included) of ``count`` scenes: the BPE tokenizer's corpus."""
     texts = []
     for i in range(count):
-        rng = _rng(settings.seed, "llm", i)
+        rng = scene_rng(settings.seed, "llm", i)
         for template, _, turns in scene_conversations(sample_scene(rng, ""), rng):
             texts.append(get_template(template).render(turns).replace(IMAGE_TOKEN, ""))
     return texts
@@ -93,9 +95,7 @@ def accuracy(model: LlamaForCausalLM, docs: list[tuple[list[int], list[int], str
     hits: dict[str, list[bool]] = defaultdict(list)
     for k in range(0, len(docs), 64):
         batch = docs[k : k + 64]
-        width = max(len(d[0]) for d in batch)
-        ids = torch.tensor([d[0] + [pad_id] * (width - len(d[0])) for d in batch])
-        mask = torch.tensor([[1] * len(d[0]) + [0] * (width - len(d[0])) for d in batch])
+        ids, _, mask = pad_batch([(d[0], d[1]) for d in batch], pad_id)
         top = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)  # (batch, width)
         for b, (_, labels, family) in enumerate(batch):
             positions = [t for t in range(1, len(labels)) if labels[t] != -100]
@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=SceneLLMSettings.steps)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file, not a folder")
     torch.set_num_threads(1)  # the build's digest is for one thread: results differ in the last bits across counts
     settings = SceneLLMSettings(steps=args.steps)
     folder = build_scene_llm(args.out, settings, progress=not args.no_progress)

@@ -28,11 +28,12 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.conversation import Turn, get_template
 from ..data.synthetic import COLORS, GRID, SHAPES, SHORT_ANSWER, SIZES, Scene, answer_text, caption, questions
+from ..data.synthetic import FAMILIES as WORLD_FAMILIES
 from ..data.tokenization import ImageTokens, tokenize_conversation
 
 EMPTY, TEXT = "<cell_empty>", "<cell_text>"
 SLOT = -1  # the image positions while a document is tokenized, before the cell words replace them
-FAMILIES = ("color", "shape", "position", "count", "existence")  # answerable from the cell words (not "text")
+FAMILIES = tuple(f for f in WORLD_FAMILIES if f != "text")  # answerable from the cell words (a label is not)
 
 
 def object_word(size: str, color: str, shape: str) -> str:

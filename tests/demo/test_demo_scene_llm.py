@@ -125,3 +125,17 @@ def test_a_rebuild_gives_the_same_files(tmp_path) -> None:
     first = read_build(build_scene_llm(tmp_path / "a", TINY))
     second = read_build(build_scene_llm(tmp_path / "b", TINY))
     assert first is not None and second is not None and first["digests"] == second["digests"]
+
+
+def test_build_llm_bad_input_is_one_line_before_any_work(tmp_path, capsys) -> None:
+    from llava_stf.demo.__main__ import main
+
+    (tmp_path / "file").write_text("")
+    assert main(["build-llm", "--steps", "0", "--out", str(tmp_path / "llm")]) == 1
+    assert main(["build-llm", "--out", str(tmp_path / "file")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: --steps must be at least 1, got 0",
+        f"error: --out {tmp_path / 'file'} is a file, not a folder",
+    ]
+    assert not (tmp_path / "llm").exists()
