@@ -78,7 +78,7 @@ class DemoSettings:
     vocab_size: int = 1024  # BPE trained on the generated text
     projector_type: str = "mbtf_stf"
     # The tiny model needs many more steps than LLaVA's 1 epoch: 15 epochs (940 steps, ~1.5 min) teach the projector
-    # to write the cell words better than 5 (68.7 against 62.8 %, seed 0, one thread each; colour 60 against 52 %).
+    # to write the cell words better than 5 (68.7 against 62.8 % on the first build, seed 0, one thread each).
     stage1_epochs: float = 15.0
     stage2_epochs: float = 10.0  # "captions" LLM: 3 epochs: constant answer per family (23.6%); 10: 29.6%; 20: 30.2%
     batch_size: int = 16
@@ -111,9 +111,9 @@ FAST = DemoSettings(
 # The previous default (``--captions``): a 64-px world (8 x 8 patches, 16 tokens after the 4x projectors) and a tiny
 # Llama pre-trained here, per seed, on the world's captions and instructions (the recipe of ``--data``). It reads
 # colour and count but learns no lookups in the budget (~32 %, ``docs/demo-compare/miniature-limits.md``). The
-# projector comparison (``compare``) measures this recipe: under the cell-word LLM the 36-token projectors do not yet
-# learn to write its 6 x 6 grid (``mlp2x_gelu`` 27 % against ``mbtf_stf``'s 64 %), which would rank the language, not
-# the projectors.
+# projector comparison (``compare``) measures this recipe: the cell-word LLM reads 9-token scenes only (the 4x
+# projectors'), and when it read 36-token ones too the 36-token projectors did not learn to write them
+# (``mlp2x_gelu`` 27 % against ``mbtf_stf``'s 64 %): a comparison under it would rank the language, not the projectors.
 CAPTIONS = DemoSettings(image_size=64, vision=VisionSettings(), llm="captions", stage1_epochs=5.0, stage2_lr=1e-3)
 # The caption recipe past the 5-minute budget (about 6 min alone on 2 cores): 4x the batch and ~3x the samples of
 # stage 2. Batch 16 learns to bind a question's words to image positions far more slowly than 64
@@ -186,15 +186,25 @@ def llm_marker(llm: Path) -> Path:
 def prepare_scene_llm(out: Path, progress: bool = False) -> Path:
     """The cell-word LLM of ``SceneLLMSettings()``: the build shipped with the package when its files match their
     digests and its settings are these, else one built before in ``out/scene-llm``, else built there now (about
-    19 min on one core: ``scene_llm``)."""
+    20 min on one core: ``scene_llm``)."""
     wanted = json.loads(json.dumps(asdict(SceneLLMSettings())))
     for folder in (PREBUILT, out / "scene-llm"):
         build = read_build(folder)
         if build is not None and build["settings"] == wanted:
             return folder
     logger.warning("the pre-built LLM (%s) is missing, altered or for other settings: building it in %s (about "
-                   "19 min on one core)", PREBUILT, out / "scene-llm")  # fmt: skip
+                   "20 min on one core)", PREBUILT, out / "scene-llm")  # fmt: skip
     return build_scene_llm(out / "scene-llm", SceneLLMSettings(), progress)
+
+
+def warn_unread_grid(llm: Path, tokens: int, projector: str) -> None:
+    """Log a warning when the cell-word LLM in ``llm`` never read scenes of ``tokens`` image tokens (its build's
+    ``sides``): the projector then has to write a grid the LLM has no words for, and the result measures that."""
+    sides = json.loads((llm / BUILD_FILE).read_text())["settings"]["sides"]
+    if tokens not in [k * k for k in sides]:
+        logger.warning("%s gives %d image tokens, but the pre-built cell-word LLM was trained on scenes of %s tokens "
+                       "only: expect a poor result; --captions pre-trains an LLM for any projector", projector,
+                       tokens, " or ".join(str(k * k) for k in sides))  # fmt: skip
 
 
 def prepare_caption_llm(out: Path, world: World, s: DemoSettings, progress: bool = False) -> Path:
@@ -359,6 +369,8 @@ def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool 
     argv1 = stage_argv("pretrain", out / name / "stage1", (vision, llm), world, s, None, progress)
     stage1, rec1, reused1 = train_stage(argv1, ups)
     say(4, f"{'reused' if reused1 else 'trained'} {stage1} (loss {format_loss(rec1['train_loss'])})")
+    if s.llm == "cells":
+        warn_unread_grid(llm, load_config(stage1).num_image_tokens, s.projector_type)
     argv2 = stage_argv("finetune", out / name / "stage2", (vision, llm), world, s, stage1, progress)
     stage2, rec2, reused2 = train_stage(argv2, [*ups, digest(stage1 / "demo_stage.json")])
     say(5, f"{'reused' if reused2 else 'trained'} {stage2} (loss {format_loss(rec2['train_loss'])})")
@@ -423,6 +435,7 @@ __all__ = [
     "prepare_caption_llm",
     "prepare_llm",
     "prepare_scene_llm",
+    "warn_unread_grid",
     "preset_suffix",
     "run_pipeline",
     "stage_argv",

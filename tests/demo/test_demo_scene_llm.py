@@ -89,7 +89,7 @@ def test_the_shipped_llm_is_the_default_build_and_answers_from_cells() -> None:
     held_out = documents(settings, "llm-eval", settings.eval_scenes, tokenizer)
     now = accuracy(model, held_out, tokenizer.eos_token_id)
     assert all(abs(now[f] - v) <= 1.0 for f, v in record["held_out_accuracy"].items()), (now, record)
-    assert record["held_out_accuracy"]["overall"] >= 70
+    assert record["held_out_accuracy"]["overall"] >= 70 and record["held_out_accuracy"]["color"] >= 95
     assert (PREBUILT / BUILD_FILE).stat().st_size < 100_000
 
 
@@ -118,6 +118,20 @@ def test_the_generated_world_trains_on_the_shipped_llm(tmp_path) -> None:
     assert not (tmp_path / "llm-seed0").exists() and not (tmp_path / "scene-llm").exists()
     marker = json.loads((report.checkpoint / "demo_stage.json").read_text())
     assert str(PREBUILT) in json.dumps(marker["config"]) and digest(llm_marker(PREBUILT)) in marker["upstream"]
+
+
+def test_a_projector_the_llm_never_read_is_warned_about(caplog) -> None:
+    """The shipped LLM reads 9-token scenes: a 36-token projector under it gets a warning naming both counts (and
+    the recipe that fits any projector); the default's 9 tokens get none."""
+    from llava_stf.demo.pipeline import warn_unread_grid
+
+    with caplog.at_level("WARNING", logger="llava_stf.demo"):
+        warn_unread_grid(PREBUILT, 9, "mbtf_stf")
+        assert not caplog.records
+        warn_unread_grid(PREBUILT, 36, "mlp2x_gelu")
+    [record] = caplog.records
+    assert "mlp2x_gelu gives 36 image tokens" in record.message and "of 9 tokens only" in record.message
+    assert "--captions" in record.message
 
 
 def test_a_rebuild_gives_the_same_files(tmp_path) -> None:
