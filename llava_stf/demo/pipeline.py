@@ -435,8 +435,8 @@ __all__ = [
     "prepare_caption_llm",
     "prepare_llm",
     "prepare_scene_llm",
-    "warn_unread_grid",
     "preset_suffix",
     "run_pipeline",
     "stage_argv",
+    "warn_unread_grid",
 ]

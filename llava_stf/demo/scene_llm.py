@@ -50,7 +50,7 @@ class SceneLLMSettings:
     layers: int = 3  # 2 layers learned colour-by-shape lookups to ~55 %, 3 to ~70 % in the same steps
     vocab_size: int = 1024  # BPE trained on the generator's text, plus the cell words
     # image-token grids it reads: 3 = the 9 tokens of the 4x-compressing projectors at 96 px. Also reading the 36 of
-    # the others (sides 3 and 6) halved what it learnt of the shape-keyed lookup: colour 90 against 98 % given the
+    # the others (sides 3 and 6) cost it the shape-keyed lookup: colour 90 against 98 % given the
     # true cells, 60 against 85 % in the demo (docs/demo-compare/miniature-limits.md)
     sides: tuple[int, ...] = (3,)
     scenes: int = 6000  # generated scene descriptions (text only; split "llm", disjoint from the images' splits)
