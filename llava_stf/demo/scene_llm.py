@@ -46,8 +46,10 @@ BUILD_FILE = "build.json"
 class SceneLLMSettings:
     """Everything that decides the pre-built LLM (``build.json`` records it)."""
 
-    hidden: int = 128  # width; 4 heads of 32, 2 KV heads (``testing.tiny_text_config``)
+    hidden: int = 128  # width
     layers: int = 3  # 2 layers learned colour-by-shape lookups to ~55 %, 3 to ~70 % in the same steps
+    heads: int = 4  # attention heads (of hidden // heads); 8 of 16 are in docs/demo-compare/miniature-limits.md
+    kv_heads: int = 2
     vocab_size: int = 1024  # BPE trained on the generator's text, plus the cell words
     # image-token grids it reads: 3 = the 9 tokens of the 4x-compressing projectors at 96 px. Also reading the 36 of
     # the others (sides 3 and 6) cost it the shape-keyed lookup: colour 90 against 98 % given the
@@ -64,6 +66,10 @@ class SceneLLMSettings:
     # "circle" in a question is literally part of <cell_large_red_circle>; "init": only at the start, then learnt
     # freely (then the LLM learnt colour-keyed lookups but not shape-keyed ones: colour 57 %, position 41 %)
     compose: str = "always"
+    # a word every cell word also holds, as one more part ("" for none): with "image" the cells share a direction and
+    # the LLM can tell each cell its place (position given the true cells 44 -> 78 %) but it then lost the shape-keyed
+    # lookup (colour 98 -> 57 %): see docs/demo-compare/miniature-limits.md, last section
+    shared_part: str = ""
     seed: int = 0
 
 
@@ -119,13 +125,15 @@ def build_scene_llm(out: Path, settings: SceneLLMSettings = SceneLLMSettings(), 
     held_out = documents(settings, "llm-eval", settings.eval_scenes, tokenizer)
     torch.manual_seed(settings.seed)
     config = tiny_text_config(len(tokenizer), hidden_size=settings.hidden, intermediate_size=2 * settings.hidden,
-                              num_hidden_layers=settings.layers, pad_token_id=None,
+                              num_hidden_layers=settings.layers, num_attention_heads=settings.heads,
+                              num_key_value_heads=settings.kv_heads, pad_token_id=None,
                               max_position_embeddings=settings.max_position_embeddings)  # fmt: skip
     model = LlamaForCausalLM(config)
     torch.nn.init.normal_(model.lm_head.weight, std=settings.head_std)
     embeddings = model.get_input_embeddings().weight
     rows = torch.tensor(tokenizer.convert_tokens_to_ids(words))
-    parts = [[i for p in word_parts(w) for i in tokenizer(" " + p, add_special_tokens=False)["input_ids"]]
+    shared = [settings.shared_part] if settings.shared_part else []
+    parts = [[i for p in shared + word_parts(w) for i in tokenizer(" " + p, add_special_tokens=False)["input_ids"]]
              for w in words]  # fmt: skip
     width = max(map(len, parts))
     index = torch.tensor([p + [0] * (width - len(p)) for p in parts])  # (words, width): the parts' token ids

@@ -74,6 +74,21 @@ def test_build_records_digests_and_starts_cell_words_from_their_parts(tmp_path) 
     assert read_build(folder) is None  # an altered file is not that build any more
 
 
+def test_a_shared_part_is_in_every_cell_word_and_heads_reach_the_config(tmp_path) -> None:
+    """``shared_part`` adds one more part to every cell word's composed embedding (empty and label cells too);
+    ``heads`` / ``kv_heads`` are the built Llama's."""
+    settings = dataclasses.replace(TINY, steps=0, shared_part="image", heads=8, kv_heads=4)
+    folder = build_scene_llm(tmp_path / "llm", settings)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = LlamaForCausalLM.from_pretrained(folder)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (8, 4)
+    embeddings = model.get_input_embeddings().weight
+    for word, own in (("<cell_small_blue_square>", ("small", "blue", "square")), (TEXT, ("text",))):
+        parts = [i for w in ("image", *own) for i in tokenizer(" " + w, add_special_tokens=False)["input_ids"]]
+        expected = embeddings[parts].sum(0) / len(parts) ** 0.5
+        assert torch.allclose(embeddings[tokenizer.convert_tokens_to_ids(word)], expected)
+
+
 def test_the_shipped_llm_is_the_default_build_and_answers_from_cells() -> None:
     """The package's pre-built LLM matches its digests and today's default settings (so the demo uses it rather than
     building one), and its recorded held-out accuracy is what it scores now (within a point: other torch builds)."""
