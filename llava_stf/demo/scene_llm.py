@@ -48,7 +48,7 @@ class SceneLLMSettings:
 
     hidden: int = 128  # width
     layers: int = 3  # 2 layers learned colour-by-shape lookups to ~55 %, 3 to ~70 % in the same steps
-    heads: int = 4  # attention heads (of hidden // heads); 8 of 16 are in docs/demo-compare/miniature-limits.md
+    heads: int = 4  # attention heads, each hidden // heads wide (8 of 16: docs/demo-compare/miniature-limits.md)
     kv_heads: int = 2
     vocab_size: int = 1024  # BPE trained on the generator's text, plus the cell words
     # image-token grids it reads: 3 = the 9 tokens of the 4x-compressing projectors at 96 px. Also reading the 36 of
