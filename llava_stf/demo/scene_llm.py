@@ -8,11 +8,12 @@ lookup by colour or by shape then uses a key the question's own word is part of.
 question family on held-out scenes given their true cells (what the LLM can do with perfect vision) in
 ``build.json``.
 
-``python -m llava_stf.demo build-llm [--out DIR]`` rebuilds it (about 20 min on one CPU core at the defaults). The
+``python -m llava_stf.demo build-llm [--out DIR]`` rebuilds it (about an hour on two CPU cores at the defaults). The
 build the demo uses ships with the package (``PREBUILT``, with ``build.json``: its settings, accuracy and the digest of
 every file), so the 5-minute demo runs only stage 1, stage 2, evaluation and chat, as LLaVA starts from a
-pre-trained LLM. Rebuilding gives the same weights on the same torch build (seeded) and the same accuracy within
-noise elsewhere.
+pre-trained LLM. Rebuilding gives the same weights on the same torch build and thread count (seeded); elsewhere the
+last bits differ and so may the accuracy, since which lookups a build learns is sensitive to them
+(docs/demo-compare/miniature-limits.md).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .scene_text import cell_words, encode_document, scene_conversations, scene_
 logger = logging.getLogger(__name__)
 PREBUILT = Path(__file__).parent / "prebuilt" / "scene-llm"
 BUILD_FILE = "build.json"
+BUILD_THREADS = 2  # torch threads of ``build-llm`` (the shipped build's)
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,10 @@ class SceneLLMSettings:
 
     hidden: int = 128  # width
     layers: int = 3  # 2 layers learned colour-by-shape lookups to ~55 %, 3 to ~70 % in the same steps
-    heads: int = 4  # attention heads, each hidden // heads wide (8 of 16: docs/demo-compare/miniature-limits.md)
-    kv_heads: int = 2
+    # 8 attention heads of 16 (4 key/value heads): with 4 of 32 the builds learnt one of the two hard lookups (colour
+    # by shape, a cell's place), not both (docs/demo-compare/miniature-limits.md)
+    heads: int = 8
+    kv_heads: int = 4
     vocab_size: int = 1024  # BPE trained on the generator's text, plus the cell words
     # image-token grids it reads: 3 = the 9 tokens of the 4x-compressing projectors at 96 px. Also reading the 36 of
     # the others (sides 3 and 6) cost it the shape-keyed lookup: colour 90 against 98 % given the
@@ -57,8 +61,10 @@ class SceneLLMSettings:
     sides: tuple[int, ...] = (3,)
     scenes: int = 6000  # generated scene descriptions (text only; split "llm", disjoint from the images' splits)
     eval_scenes: int = 100  # held-out scene descriptions for the accuracy in build.json
-    steps: int = 2400
-    batch_size: int = 64
+    # 6,000 steps of 128 documents: at 64 per step the shared part below taught colour or position depending on the
+    # seed; at 128 both (about an hour on two cores; docs/demo-compare/miniature-limits.md)
+    steps: int = 6000
+    batch_size: int = 128
     lr: float = 2e-3
     head_std: float = 0.05  # output layer init std (see ``pipeline.DemoSettings.llm_head_std``)
     max_position_embeddings: int = 1024
@@ -67,9 +73,8 @@ class SceneLLMSettings:
     # freely (then the LLM learnt colour-keyed lookups but not shape-keyed ones: colour 57 %, position 41 %)
     compose: str = "always"
     # a word every cell word also holds, as one more part ("" for none): with "image" the cells share a direction and
-    # the LLM can tell each cell its place (position given the true cells 44 -> 78 %) but it then lost the shape-keyed
-    # lookup (colour 98 -> 57 %): see docs/demo-compare/miniature-limits.md, last section
-    shared_part: str = ""
+    # the LLM can tell each cell its place (position given the true cells 44 -> 78 % at the earlier 2,400 x 64 steps)
+    shared_part: str = "image"
     seed: int = 0
 
 
@@ -154,7 +159,7 @@ def build_scene_llm(out: Path, settings: SceneLLMSettings = SceneLLMSettings(), 
     tokenizer.save_pretrained(out)
     record = {"settings": asdict(settings), "final_loss": round(loss, 4), "held_out_accuracy": result,
               "documents": len(train), "seconds": round(time.perf_counter() - start),
-              "torch": torch.__version__}  # fmt: skip
+              "torch": torch.__version__, "threads": torch.get_num_threads()}  # fmt: skip
     record["digests"] = file_digests(out)
     (out / BUILD_FILE).write_text(json.dumps(record, indent=1) + "\n")
     logger.info("scene llm: %s", result)
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file, not a folder")
-    torch.set_num_threads(1)  # the build's digest is for one thread: results differ in the last bits across counts
+    torch.set_num_threads(BUILD_THREADS)  # the shipped digests are for this count: other counts differ in the last bits
     settings = SceneLLMSettings(steps=args.steps)
     folder = build_scene_llm(args.out, settings, progress=not args.no_progress)
     record = json.loads((folder / BUILD_FILE).read_text())
