@@ -24,7 +24,7 @@ budget and seeds and writes ``results.md``, ``results.csv`` and ``results.png`` 
 ``python -m llava_stf.demo oracle [--out playground/demo] [--seed 0]`` asks the demo's text LLM the held-out questions
 with the true caption instead of the image: what it can do with perfect visual information (see ``oracle``).
 
-``python -m llava_stf.demo build-llm [--out DIR]`` rebuilds the pre-built LLM (about an hour on two cores; see
+``python -m llava_stf.demo build-llm [--out DIR]`` rebuilds the pre-built LLM (about 75 min on two cores; see
 ``scene_llm``).
 
 ``python -m llava_stf.demo probe [--out playground/demo] [--layer -2]`` fits linear probes (colour, shape, grid

@@ -186,14 +186,14 @@ def llm_marker(llm: Path) -> Path:
 def prepare_scene_llm(out: Path, progress: bool = False) -> Path:
     """The cell-word LLM of ``SceneLLMSettings()``: the build shipped with the package when its files match their
     digests and its settings are these, else one built before in ``out/scene-llm``, else built there now (about
-    an hour on two cores: ``scene_llm``)."""
+    75 min on two cores: ``scene_llm``)."""
     wanted = json.loads(json.dumps(asdict(SceneLLMSettings())))
     for folder in (PREBUILT, out / "scene-llm"):
         build = read_build(folder)
         if build is not None and build["settings"] == wanted:
             return folder
     logger.warning("the pre-built LLM (%s) is missing, altered or for other settings: building it in %s (about "
-                   "an hour on two cores)", PREBUILT, out / "scene-llm")  # fmt: skip
+                   "75 min on two cores)", PREBUILT, out / "scene-llm")  # fmt: skip
     return build_scene_llm(out / "scene-llm", SceneLLMSettings(), progress)
 
 

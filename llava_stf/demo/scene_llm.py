@@ -8,7 +8,7 @@ lookup by colour or by shape then uses a key the question's own word is part of.
 question family on held-out scenes given their true cells (what the LLM can do with perfect vision) in
 ``build.json``.
 
-``python -m llava_stf.demo build-llm [--out DIR]`` rebuilds it (about an hour on two CPU cores at the defaults). The
+``python -m llava_stf.demo build-llm [--out DIR]`` rebuilds it (about 75 min on two CPU cores at the defaults). The
 build the demo uses ships with the package (``PREBUILT``, with ``build.json``: its settings, accuracy and the digest of
 every file), so the 5-minute demo runs only stage 1, stage 2, evaluation and chat, as LLaVA starts from a
 pre-trained LLM. Rebuilding gives the same weights on the same torch build and thread count (seeded); elsewhere the
@@ -62,7 +62,7 @@ class SceneLLMSettings:
     scenes: int = 6000  # generated scene descriptions (text only; split "llm", disjoint from the images' splits)
     eval_scenes: int = 100  # held-out scene descriptions for the accuracy in build.json
     # 6,000 steps of 128 documents: at 64 per step the shared part below taught colour or position depending on the
-    # seed; at 128 both (about an hour on two cores; docs/demo-compare/miniature-limits.md)
+    # seed; at 128 both (about 75 min on two cores; docs/demo-compare/miniature-limits.md)
     steps: int = 6000
     batch_size: int = 128
     lr: float = 2e-3
