@@ -25,18 +25,8 @@ from llava_stf.demo.scene_llm import (
 from llava_stf.demo.scene_text import EMPTY, TEXT, cell_words, encode_document, scene_conversations, scene_grid
 
 SCENE = Scene("x.png", (Obj("circle", "red", "large", 0, 2), Obj("square", "blue", "small", 2, 0)), "A7", (1, 1))
-TINY = SceneLLMSettings(
-    hidden=32,
-    layers=1,
-    heads=4,
-    kv_heads=2,
-    vocab_size=400,
-    scenes=6,
-    eval_scenes=2,
-    steps=2,
-    batch_size=4,
-    shared_part="",
-)
+TINY = SceneLLMSettings(hidden=32, layers=1, heads=4, kv_heads=2, vocab_size=400, scenes=6, eval_scenes=2, steps=2,
+                        batch_size=4, shared_part="")  # fmt: skip
 
 
 def test_scene_grid_writes_each_token_cell_in_raster_order() -> None:
