@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 from llava_stf.errors import UserError
 
 from .conversation import HUMAN, IMAGE_TOKEN, ROLES, Template, Turn, normalize_record
+from .image_cache import ImageCache
 from .images import ImageLimits, load_image
 from .tokenization import ImageTokens, SkippedSample, tokenize_conversation
 
@@ -297,6 +298,8 @@ class LazySupervisedDataset(Dataset):
         on_bad_sample: ``"skip"`` (replace, count, log) or ``"error"`` (raise ``BadSampleError``).
         image_limits: size limits for image files (default ``ImageLimits()``).
         max_consecutive_bad: give up (``BadSampleError``) after this many bad samples in a row.
+        image_cache_mb: keep up to this many MiB of processed images in memory (``ImageCache``; 0: none), for
+            runs of many epochs over few images.
     """
 
     def __init__(
@@ -309,6 +312,7 @@ class LazySupervisedDataset(Dataset):
         on_bad_sample: str = "skip",
         image_limits: ImageLimits | None = None,
         max_consecutive_bad: int = 32,
+        image_cache_mb: float = 0,
     ):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
@@ -317,6 +321,7 @@ class LazySupervisedDataset(Dataset):
         self.processor, self.template, self.max_length = processor, template, max_length
         self.on_bad_sample, self.max_consecutive_bad = on_bad_sample, max_consecutive_bad
         self.image_limits = image_limits or ImageLimits()
+        self.image_cache = ImageCache(image_cache_mb)
         self.samples = records.samples
         self.dropped_records, self.num_records = records.dropped, records.num_records  # the trainer counts these
         self.image_folder = Path(image_folder) if image_folder is not None else None
@@ -337,11 +342,19 @@ class LazySupervisedDataset(Dataset):
         Raises ``SkippedSample`` for a bad one. The image comes first: its count (``image_token_counts``: fixed for
         LLaVA-1.5, by image size for AnyRes) decides the prompt and the truncation.
         """
-        image = None
-        if sample.image is not None:
-            image, _ = load_image(self.image_folder / sample.image, self.image_limits)
         processor = self.processor
-        count = processor.image_token_counts([image])[0] if image is not None else processor.num_image_tokens
+        count, image_inputs = processor.num_image_tokens, None
+        if sample.image is not None:
+            path = self.image_folder / sample.image
+            key, cached = self.image_cache.get(path)
+            if cached is None:
+                image, _ = load_image(path, self.image_limits)
+                cached = (
+                    processor.image_token_counts([image])[0],
+                    {name: value[0] for name, value in processor.image_inputs([image]).items()},
+                )
+                self.image_cache.put(key, cached)
+            count, image_inputs = cached
         tokenized = tokenize_conversation(
             sample.turns,
             self.template,
@@ -355,8 +368,8 @@ class LazySupervisedDataset(Dataset):
             "pixel_values": None,
             "data_events": {"skipped": [], "truncated": int(tokenized.truncated)},
         }
-        if image is not None:  # pixel_values [3, H, W]; AnyRes: [n_crops, 3, H, W] and image_sizes [2]
-            item.update({name: value[0] for name, value in processor.image_inputs([image]).items()})
+        if image_inputs is not None:  # pixel_values [3, H, W]; AnyRes: [n_crops, 3, H, W] and image_sizes [2]
+            item.update(image_inputs)
         return item
 
     def __getitem__(self, i: int) -> dict[str, Any]:

@@ -46,6 +46,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError, add_debug_flag, run_main
+from .malloc import keep_freed_memory
 from .pipeline import PRESETS, RunReport, add_preset_flags, format_loss, preset_suffix, run_pipeline
 from .world import FILES
 
@@ -110,6 +111,7 @@ def check_arguments(out: Path, projector: str, data: Path | None = None) -> None
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()  # every subcommand trains or evaluates many small steps on the CPU (see ``malloc``)
     if argv[:1] == ["compare"]:
         from .compare import main as compare_main
 

@@ -87,6 +87,9 @@ class DemoSettings:
     max_length: int = 512  # tokens per sample, image tokens included (nothing is truncated at the defaults)
     eval_batch_size: int = 32
     seed: int = 0  # training seed (projector init, data order)
+    # Both stages read every image 10-15 times through a frozen tower: keep the processed images and the tower's
+    # outputs in memory (``--image_cache_mb``, ``--vision_feature_cache_mb``; the same losses, ~1/4 less time).
+    cache_mb: float = 1024
 
 
 # A world of one's own has no scene descriptions: its LLM is pre-trained on its own text and starts from scratch,
@@ -268,6 +271,8 @@ def stage_argv(stage: str, out_dir: Path, towers: tuple[Path, Path], world: Worl
         "logging_steps": 10_000,  # the loss goes to the summary, not to the terminal
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": False,
+        "image_cache_mb": s.cache_mb,
+        "vision_feature_cache_mb": s.cache_mb,
         "disable_tqdm": not progress,
         "overwrite_output_dir": True,  # only reached when the cached stage is not valid
     }

@@ -82,6 +82,12 @@ class DataArguments:
         default=ImageLimits.max_aspect_ratio, metadata={"help": "more elongated images are skipped"}
     )
     max_image_bytes: int = field(default=ImageLimits.max_bytes, metadata={"help": "larger image files are skipped"})
+    image_cache_mb: float = field(
+        default=0, metadata={"help": "MiB of processed images kept in memory across epochs (0: none)"}
+    )
+    vision_feature_cache_mb: float = field(
+        default=0, metadata={"help": "MiB of frozen-tower outputs kept per image across epochs (0: none)"}
+    )
 
 
 @dataclass

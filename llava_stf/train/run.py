@@ -46,6 +46,7 @@ from llava_stf.model.builder import build_model
 
 from .arguments import RunConfig, parse_config
 from .checkpoint import PROJECTOR_FILE, load_projector, merge_lora_state_dict, save_adapter_extras, save_projector
+from .feature_cache import install_feature_cache
 from .output_dir import RUN_CONFIG, STAGING, check_output_dir, config_differences, prepare_output_dir, publish
 from .stages import PROJECTOR_ATTR, Stage, apply_stage, connector_extras, get_stage, wrap_lora
 from .trainer import LlavaStfTrainer
@@ -200,6 +201,7 @@ def run(config: RunConfig, callbacks: list[TrainerCallback] | None = None, quiet
     set_seed(args.seed)  # the fresh projector must be the same on every rank
     model, processor = build(config, stage)
     apply_stage(model, stage)
+    tower_cache = install_feature_cache(model, d.vision_feature_cache_mb)  # the tower is frozen from here on
     if stage.lora:
         model = wrap_lora(model, stage, config.stage.lora_r, config.stage.lora_alpha, config.stage.lora_dropout)
     dataset = LazySupervisedDataset(
@@ -210,6 +212,7 @@ def run(config: RunConfig, callbacks: list[TrainerCallback] | None = None, quiet
         max_length=d.model_max_length,
         on_bad_sample=d.on_bad_sample,
         image_limits=ImageLimits(d.max_image_pixels, d.max_aspect_ratio, d.max_image_bytes),
+        image_cache_mb=d.image_cache_mb,
     )
     _barrier()  # every rank has checked the folder before one changes it
     if args.should_save:
@@ -230,7 +233,13 @@ def run(config: RunConfig, callbacks: list[TrainerCallback] | None = None, quiet
         trainer.remove_callback(PrinterCallback)
         if trainer.pop_callback(ProgressCallback) is not None:
             trainer.add_callback(_BarOnly)
-    trainer.train(resume_from_checkpoint=plan.resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=plan.resume_from)
+    finally:
+        if tower_cache is not None:
+            tower_cache.remove()
+            logger.info("vision feature cache: %d images answered from it, %d computed (%.0f MiB held)",
+                        tower_cache.hits, tower_cache.misses, tower_cache.used / 2**20)  # fmt: skip
     if any(trainer.data_counts[k] for k in ("dropped", "skipped", "truncated")):
         logger.warning("data: %s", dict(trainer.data_counts))
     save_outputs(trainer, stage, processor, config)
