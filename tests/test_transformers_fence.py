@@ -38,6 +38,7 @@ ALLOWED: dict[str, str] = {
     "transformers.LlavaNextProcessor": "top level (convert --to llava-hf: the processor of an exported AnyRes model)",
     "transformers.activations.ACT2FN": "documented (activation registry)",
     "transformers.initialization": "documented (v5 init functions that skip loaded tensors)",
+    "transformers.integrations.is_deepspeed_zero3_enabled": "documented (DeepSpeed integration: ZeRO-3 is on)",
     "transformers.masking_utils.create_causal_mask": "documented (mask builder for custom decoders, layer_idx)",
     "transformers.conversion_mapping.get_checkpoint_conversion_mapping": "documented (v5 key renaming on load)",
     "transformers.conversion_mapping.register_checkpoint_conversion_mapping": "documented (v5 key renaming)",

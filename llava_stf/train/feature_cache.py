@@ -11,8 +11,9 @@ An image is keyed by a digest of its ``pixel_values`` bytes (plus the call's oth
 states are asked for; a call with another tensor argument is not cached), so two files
 with the same pixels share an entry and nothing depends on paths. A batch is answered from the cache only when
 every image in it is cached; otherwise the tower runs on the whole batch and the new images are stored, until
-``limit_mb`` MiB of outputs are held. Every tensor field of the tower's output (hidden states of every layer,
-attentions when asked for) is stored per image, on the device it came from.
+``limit_mb`` MiB of outputs are held, per process (under DeepSpeed ZeRO-3, where gathering the tower's parameters is
+a collective that every process must join, it is refused). Every tensor field of the tower's output (hidden states
+of every layer, attentions when asked for) is stored per image, on the device it came from.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from llava_stf.data.image_cache import nbytes
 
@@ -117,8 +119,10 @@ class TowerFeatureCache:
                 logger.info("vision feature cache full (%.0f MiB, %d images)", self.used / 2**20, len(self.entries))
                 self.limit = self.used  # log once; keep what is held
                 return
-            fields_i = {name: (tuple(t if t is None else t.clone() for t in v) if isinstance(v, tuple) else v.clone())
-                        for name, v in entry.items()}  # fmt: skip
+            # detached: with gradient checkpointing the embeddings' output requires grad (transformers'
+            # ``enable_input_require_grads``), and a stored tensor must not hold on to this step's graph
+            fields_i = {name: (tuple(t if t is None else t.detach().clone() for t in v) if isinstance(v, tuple)
+                               else v.detach().clone()) for name, v in entry.items()}  # fmt: skip
             self.entries[key] = (type(outputs), fields_i)
             self.used += size
 
@@ -151,6 +155,12 @@ def install_feature_cache(model: nn.Module, limit_mb: float) -> TowerFeatureCach
     0."""
     if not limit_mb:
         return None
+    if is_deepspeed_zero3_enabled():
+        raise ValueError(
+            "vision_feature_cache_mb does not work under DeepSpeed ZeRO-3: gathering the partitioned tower is a "
+            "collective every process must join, and a process answering from its cache would leave the others "
+            "waiting; use ZeRO-2 (the stage-1 script's) or no feature cache (--image_cache_mb works with both)"
+        )
     return TowerFeatureCache(model.model.vision_tower, limit_mb).install()
 
 

@@ -12,7 +12,7 @@ so a mistake in the new run never costs the old one:
   ``llava_stf.train.checkpoint``): incomplete ones, left by a run killed while writing them, are named in the log
   and skipped, and the checkpoints newer than the one resumed from are removed (the resumed run writes them again).
   It refuses a folder without a complete checkpoint, and settings that differ from the saved ``run_config.yaml`` in
-  anything but logging and resume settings (``RESUMABLE``);
+  anything but logging, resume and cache settings (``RESUMABLE``);
 - the final outputs are written into ``output_dir/.saving`` and moved into place by ``publish``, ``config.json``
   last, so a run killed while saving leaves nothing that loads half-written.
 """
@@ -61,6 +61,7 @@ RUN_OUTPUTS = (
 )
 # Settings that may change between a run and its resumption (everything else must be identical).
 RESUMABLE = {
+    "data": {"image_cache_mb", "vision_feature_cache_mb"},  # memory for speed; the same training either way
     "stage": {"resume", "overwrite_output_dir"},
     "training": {"resume_from_checkpoint", "report_to", "logging_steps", "logging_strategy", "disable_tqdm",
                  "run_name", "dataloader_num_workers", "save_total_limit", "local_rank", "log_level"},

@@ -8,6 +8,7 @@ shared-memory op (about 20 s, cached in the torch extensions folder).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionM
 
 from llava_stf.testing import make_image
 from llava_stf.train.checkpoint import PROJECTOR_FILE, list_checkpoints
+from llava_stf.train.fixtures import write_color_dataset
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,3 +127,18 @@ def test_zero3_lora_saves_adapter_and_merged_model(world, stage1, tmp_path):
                                                  lora_r=4, lora_alpha=8))  # fmt: skip
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     reloads_and_generates(out, "vicuna_v1")
+
+
+def test_zero2_with_both_caches_trains_as_without(world, tmp_path):
+    """Stage 1 under ZeRO-2 (two processes, each its own caches): 8 records, 3 steps of 8 = 3 epochs, the same loss
+    at every step. (ZeRO-3 refuses the feature cache: tests/train/test_train_feature_cache.py.)"""
+    data = write_color_dataset(tmp_path / "small", 8, stage="pretrain")
+
+    def losses(name: str, **caches) -> list[str]:
+        (tmp_path / name).mkdir()
+        log = launch("pretrain.sh", tmp_path / name, **tiny(world, data, tmp_path / name / "out", **caches))
+        return re.findall(r"'loss': '?([0-9.]+)", log)
+
+    plain = losses("plain")
+    cached = losses("cached", image_cache_mb=16, vision_feature_cache_mb=16)
+    assert len(plain) == 3 and cached == plain

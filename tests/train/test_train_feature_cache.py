@@ -91,10 +91,13 @@ def test_a_tower_that_trains_or_has_dropout_is_refused() -> None:
         TowerFeatureCache(frozen_tower(), limit_mb=-1)
 
 
-@pytest.mark.parametrize("stage, data", [("pretrain", "captions"), ("finetune", "instruct")])
-def test_a_run_with_both_caches_trains_exactly_as_without(world, tmp_path, stage, data) -> None:
+@pytest.mark.parametrize(
+    "stage, data, checkpointing", [("pretrain", "captions", True), ("finetune", "instruct", False)]
+)
+def test_a_run_with_both_caches_trains_exactly_as_without(world, tmp_path, stage, data, checkpointing) -> None:
     def train(name: str, **caches) -> list[float]:
-        argv = tiny_run_args(world.towers, getattr(world, data), tmp_path / name, stage, num_train_epochs=3, **caches)
+        argv = tiny_run_args(world.towers, getattr(world, data), tmp_path / name, stage, num_train_epochs=3,
+                             activation_checkpointing=checkpointing, **caches)  # fmt: skip
         trainer = run(parse_config(argv), quiet=True)
         return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
@@ -108,3 +111,23 @@ def test_a_negative_cache_size_is_one_error_line(world, tmp_path) -> None:
 
     argv = tiny_run_args(world.towers, world.captions, tmp_path / "out", "pretrain", vision_feature_cache_mb=-1)
     assert main(argv) == 1
+
+
+def test_the_caches_may_change_on_resume_and_keep_a_demo_stage_reused() -> None:
+    from llava_stf.train.output_dir import config_differences
+
+    saved = {"data": {"image_cache_mb": 0, "vision_feature_cache_mb": 0, "model_max_length": 512}}
+    current = {"data": {"image_cache_mb": 64, "vision_feature_cache_mb": 64, "model_max_length": 512}}
+    assert config_differences(saved, current) == {}
+    current["data"]["model_max_length"] = 256
+    assert list(config_differences(saved, current)) == ["data.model_max_length"]
+
+
+def test_zero3_is_refused_with_the_reason(monkeypatch) -> None:
+    from llava_stf.train import feature_cache
+
+    monkeypatch.setattr(feature_cache, "is_deepspeed_zero3_enabled", lambda: True)
+    model = type("M", (), {"model": type("B", (), {"vision_tower": frozen_tower()})()})()
+    with pytest.raises(ValueError, match="ZeRO-3.*collective"):
+        feature_cache.install_feature_cache(model, 64)
+    assert feature_cache.install_feature_cache(model, 0) is None
