@@ -30,8 +30,42 @@ def nbytes(value: Any) -> int:
     return 0
 
 
-class ImageCache:
-    """Path -> processed image (any value holding tensors), at most ``limit_mb`` MiB of tensors.
+class BoundedMemo:
+    """Key -> value (anything holding tensors), at most ``limit_mb`` MiB of tensors; it stops growing at the bound.
+
+    Args:
+        limit_mb: memory bound in MiB; 0 keeps nothing.
+        what: the memo's name in the log line said once when it is full.
+    """
+
+    def __init__(self, limit_mb: float, what: str):
+        self.limit, self.what = int(limit_mb * 2**20), what
+        self.entries: dict[Any, Any] = {}
+        self.used = 0
+        self.full = False
+
+    def fits(self, size: int) -> bool:
+        """Whether ``size`` more bytes stay within the bound (the first refusal is logged)."""
+        if self.used + size <= self.limit:
+            return True
+        if not self.full:
+            logger.info("%s full (%.0f MiB, %d entries): later ones are not kept", self.what, self.used / 2**20,
+                        len(self.entries))  # fmt: skip
+            self.full = True
+        return False
+
+    def put(self, key: Any, value: Any) -> None:
+        """Keep ``value`` for ``key`` unless it is there already or the bound does not allow it."""
+        if key is None or key in self.entries:
+            return
+        size = nbytes(value)
+        if self.fits(size):
+            self.entries[key] = value
+            self.used += size
+
+
+class ImageCache(BoundedMemo):
+    """Path -> processed image, keyed by the file as it is now (path, size, modification time).
 
     Args:
         limit_mb: memory bound in MiB; 0 turns the cache off (``get`` always misses, ``put`` keeps nothing).
@@ -40,11 +74,8 @@ class ImageCache:
     def __init__(self, limit_mb: float):
         if limit_mb < 0:
             raise ValueError(f"image_cache_mb must be >= 0, got {limit_mb}")
-        self.limit = int(limit_mb * 2**20)
-        self.entries: dict[tuple[str, int, int], Any] = {}
-        self.used = 0
+        super().__init__(limit_mb, "image cache")
         self.hits = self.misses = 0
-        self.full_logged = False
 
     @staticmethod
     def key(path: Path) -> tuple[str, int, int] | None:
@@ -64,19 +95,5 @@ class ImageCache:
             self.misses += value is None
         return key, value
 
-    def put(self, key: tuple[str, int, int] | None, value: Any) -> None:
-        """Keep ``value`` for ``key`` if the bound allows it."""
-        if key is None or key in self.entries:
-            return
-        size = nbytes(value)
-        if self.used + size > self.limit:
-            if not self.full_logged:
-                logger.info("image cache full (%.0f MiB, %d images): further images are read from disk each time",
-                            self.used / 2**20, len(self.entries))  # fmt: skip
-                self.full_logged = True
-            return
-        self.entries[key] = value
-        self.used += size
 
-
-__all__ = ["ImageCache", "nbytes"]
+__all__ = ["BoundedMemo", "ImageCache", "nbytes"]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from llava_stf.data.image_cache import nbytes
+from llava_stf.data.image_cache import BoundedMemo, nbytes
 
 logger = logging.getLogger(__name__)
 # Keyword arguments transformers passes down to every submodule that do not change a tower's features: the loss
@@ -66,9 +66,8 @@ class TowerFeatureCache:
         if limit_mb <= 0:
             raise ValueError(f"vision_feature_cache_mb must be > 0 to cache, got {limit_mb}")
         check_cacheable(tower)
-        self.tower, self.limit = tower, int(limit_mb * 2**20)
-        self.entries: dict[tuple[str, str], tuple[type, dict[str, Any]]] = {}  # key -> (output class, fields)
-        self.used = 0
+        self.tower = tower
+        self.memo = BoundedMemo(limit_mb, "vision feature cache")  # key -> (output class, fields)
         self.hits = self.misses = 0
         self.original = tower.forward
 
@@ -95,7 +94,7 @@ class TowerFeatureCache:
             return self.original(pixel_values, *args, **kwargs)
         call = repr(sorted(keyed.items()))
         keys = [(key, call) for key in self.image_keys(pixel_values)]
-        stored = [self.entries.get(key) for key in keys]
+        stored = [self.memo.entries.get(key) for key in keys]
         if all(entry is not None for entry in stored):
             self.hits += len(keys)
             return self.assemble(stored)
@@ -110,21 +109,17 @@ class TowerFeatureCache:
         if not all(self.per_image(v, len(keys)) for v in fields.values()):
             return
         for i, key in enumerate(keys):
-            if key in self.entries:
+            if key in self.memo.entries:
                 continue
             entry = {name: (tuple(t if t is None else t[i] for t in v) if isinstance(v, tuple) else v[i])
                      for name, v in fields.items()}  # fmt: skip
-            size = nbytes(entry)
-            if self.used + size > self.limit:
-                logger.info("vision feature cache full (%.0f MiB, %d images)", self.used / 2**20, len(self.entries))
-                self.limit = self.used  # log once; keep what is held
+            if not self.memo.fits(nbytes(entry)):  # checked on the views, before copying
                 return
             # detached: with gradient checkpointing the embeddings' output requires grad (transformers'
             # ``enable_input_require_grads``), and a stored tensor must not hold on to this step's graph
             fields_i = {name: (tuple(t if t is None else t.detach().clone() for t in v) if isinstance(v, tuple)
                                else v.detach().clone()) for name, v in entry.items()}  # fmt: skip
-            self.entries[key] = (type(outputs), fields_i)
-            self.used += size
+            self.memo.put(key, (type(outputs), fields_i))
 
     @staticmethod
     def per_image(value: Any, n: int) -> bool:
@@ -150,18 +145,25 @@ class TowerFeatureCache:
         return output_type(**fields)
 
 
-def install_feature_cache(model: nn.Module, limit_mb: float) -> TowerFeatureCache | None:
-    """A ``TowerFeatureCache`` on ``model``'s vision tower (before any PEFT wrapping), or ``None`` for ``limit_mb``
-    0."""
-    if not limit_mb:
-        return None
-    if is_deepspeed_zero3_enabled():
+def check_cache_settings(image_cache_mb: float, vision_feature_cache_mb: float) -> None:
+    """Refuse (``ValueError``) negative cache sizes, and the feature cache under ZeRO-3, before any tower loads."""
+    for name, value in (("image_cache_mb", image_cache_mb), ("vision_feature_cache_mb", vision_feature_cache_mb)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 (0: no cache), got {value}")
+    if vision_feature_cache_mb and is_deepspeed_zero3_enabled():
         raise ValueError(
             "vision_feature_cache_mb does not work under DeepSpeed ZeRO-3: gathering the partitioned tower is a "
             "collective every process must join, and a process answering from its cache would leave the others "
             "waiting; use ZeRO-2 (the stage-1 script's) or no feature cache (--image_cache_mb works with both)"
         )
+
+
+def install_feature_cache(model: nn.Module, limit_mb: float) -> TowerFeatureCache | None:
+    """A ``TowerFeatureCache`` on ``model``'s vision tower (before any PEFT wrapping), or ``None`` for ``limit_mb``
+    0 (``check_cache_settings`` has checked the settings)."""
+    if not limit_mb:
+        return None
     return TowerFeatureCache(model.model.vision_tower, limit_mb).install()
 
 
-__all__ = ["TowerFeatureCache", "check_cacheable", "dropout_rates", "install_feature_cache"]
+__all__ = ["TowerFeatureCache", "check_cache_settings", "check_cacheable", "dropout_rates", "install_feature_cache"]

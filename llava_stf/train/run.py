@@ -46,7 +46,7 @@ from llava_stf.model.builder import build_model
 
 from .arguments import RunConfig, parse_config
 from .checkpoint import PROJECTOR_FILE, load_projector, merge_lora_state_dict, save_adapter_extras, save_projector
-from .feature_cache import install_feature_cache
+from .feature_cache import check_cache_settings, install_feature_cache
 from .output_dir import RUN_CONFIG, STAGING, check_output_dir, config_differences, prepare_output_dir, publish
 from .stages import PROJECTOR_ATTR, Stage, apply_stage, connector_extras, get_stage, wrap_lora
 from .trainer import LlavaStfTrainer
@@ -195,6 +195,7 @@ def run(config: RunConfig, callbacks: list[TrainerCallback] | None = None, quiet
     args, d = config.training, config.data
     args.remove_unused_columns = False  # the collator's keys are not all forward() arguments
     check_deepspeed_optimizer(config)
+    check_cache_settings(config.data.image_cache_mb, config.data.vision_feature_cache_mb)
     plan = check_output_dir(config)
     template = get_template(d.template or stage.template)
     records = read_data(config, template)  # before the towers load: a data mistake costs seconds
@@ -239,7 +240,7 @@ def run(config: RunConfig, callbacks: list[TrainerCallback] | None = None, quiet
         if tower_cache is not None:
             tower_cache.remove()
             logger.info("vision feature cache: %d images answered from it, %d computed (%.0f MiB held)",
-                        tower_cache.hits, tower_cache.misses, tower_cache.used / 2**20)  # fmt: skip
+                        tower_cache.hits, tower_cache.misses, tower_cache.memo.used / 2**20)  # fmt: skip
     if any(trainer.data_counts[k] for k in ("dropped", "skipped", "truncated")):
         logger.warning("data: %s", dict(trainer.data_counts))
     save_outputs(trainer, stage, processor, config)

@@ -64,9 +64,9 @@ def test_a_batch_with_one_new_image_runs_the_tower_and_other_tensor_arguments_ar
     mixed = torch.cat([pixels(3, 0)[:2], pixels(1, 5)])
     plain = tower.__class__.forward(tower, mixed, output_hidden_states=True)
     assert_same(tower(mixed, output_hidden_states=True), plain, exact=False)
-    assert (cache.hits, cache.misses, len(cache.entries)) == (0, 6, 4)
+    assert (cache.hits, cache.misses, len(cache.memo.entries)) == (0, 6, 4)
     tower(pixels(2, 0), interpolate_pos_encoding=False, output_hidden_states=True)
-    assert len(cache.entries) == 6
+    assert len(cache.memo.entries) == 6
 
 
 def test_the_memory_bound_is_kept() -> None:
@@ -74,12 +74,12 @@ def test_the_memory_bound_is_kept() -> None:
     one = TowerFeatureCache(tower, limit_mb=64).install()
     tower(pixels(1, 0), output_hidden_states=True)
     one.remove()
-    per_image = one.used
+    per_image = one.memo.used
     cache = TowerFeatureCache(tower, limit_mb=2.5 * per_image / 2**20).install()
     tower(pixels(4, 0), output_hidden_states=True)
-    assert len(cache.entries) == 2 and cache.used <= cache.limit
+    assert len(cache.memo.entries) == 2 and cache.memo.used <= cache.memo.limit
     tower(pixels(4, 1), output_hidden_states=True)
-    assert len(cache.entries) == 2
+    assert len(cache.memo.entries) == 2
 
 
 def test_a_tower_that_trains_or_has_dropout_is_refused() -> None:
@@ -127,7 +127,8 @@ def test_zero3_is_refused_with_the_reason(monkeypatch) -> None:
     from llava_stf.train import feature_cache
 
     monkeypatch.setattr(feature_cache, "is_deepspeed_zero3_enabled", lambda: True)
-    model = type("M", (), {"model": type("B", (), {"vision_tower": frozen_tower()})()})()
     with pytest.raises(ValueError, match="ZeRO-3.*collective"):
-        feature_cache.install_feature_cache(model, 64)
-    assert feature_cache.install_feature_cache(model, 0) is None
+        feature_cache.check_cache_settings(0, 64)
+    feature_cache.check_cache_settings(64, 0)  # the image cache is the data's own: fine under ZeRO-3
+    with pytest.raises(ValueError, match="image_cache_mb must be >= 0"):
+        feature_cache.check_cache_settings(-1, 0)
