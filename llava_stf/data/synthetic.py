@@ -2,6 +2,10 @@
 
 Each image is a scene on a 3x3 grid: 1-4 coloured shapes (circle, square, triangle, diamond; small or large) and,
 in some scenes, a two-character label (digits / capital letters) drawn small, so reading it needs fine detail.
+With ``detail=True`` every scene also holds one tiny dot (about 3 % of the image side across, smaller than a
+vision-tower patch) at a random place in an empty cell, asked about by the ``detail`` family ("What color is the
+tiny dot?"): a small object whose colour a 4x token compression may blur. Off by default (the default world is
+unchanged, file for file).
 Everything is a pure function of ``(seed, split, index)``, so two runs write identical files.
 
 Written files (the same formats as the real data, so every real code path is exercised):
@@ -20,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -40,6 +44,9 @@ POSITIONS = [["top left", "top", "top right"], ["left", "center", "right"], ["bo
 LABEL_CHARS = "0123456789ABCDEFGHJKLMNPRSTUVWXYZ"
 NUMBER_WORDS = ["zero", "one", "two", "three", "four"]
 FAMILIES = ("color", "shape", "position", "count", "text", "existence")
+DETAIL = "detail"  # the family of ``generate(detail=True)``'s tiny dot
+ALL_FAMILIES = (*FAMILIES, DETAIL)
+DOT_RADIUS = 0.03  # of the image side: 1.9 px at 64 px, a quarter of an 8-px patch across
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 BACKGROUND = (235, 235, 235)
 BLANK_SPLIT = "questions_blank"  # question-file stem of the blank-image control (``write_blank_split``)
@@ -59,25 +66,46 @@ class Obj:
 
 
 @dataclass(frozen=True)
+class Dot:
+    """The tiny dot of a ``detail`` world: its colour, cell and offset from the cell's centre (fractions of a cell)."""
+
+    color: str
+    row: int
+    col: int
+    dx: float
+    dy: float
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.row][self.col]
+
+
+@dataclass(frozen=True)
 class Scene:
     image: str  # path relative to the output folder
     objects: tuple[Obj, ...]
     label: str | None  # two characters drawn small, or None
     label_cell: tuple[int, int] | None
+    dot: Dot | None = None  # only in a ``detail`` world
 
     def to_json(self) -> dict:
-        return {
+        record = {
             "image": self.image,
             "objects": [asdict(o) for o in self.objects],
             "label": self.label,
             "label_cell": list(self.label_cell) if self.label_cell else None,
         }
+        return record | ({"dot": asdict(self.dot)} if self.dot else {})
 
     @classmethod
     def from_json(cls, record: dict) -> Scene:
-        cell = record["label_cell"]
+        cell, dot = record["label_cell"], record.get("dot")
         return cls(
-            record["image"], tuple(Obj(**o) for o in record["objects"]), record["label"], tuple(cell) if cell else None
+            record["image"],
+            tuple(Obj(**o) for o in record["objects"]),
+            record["label"],
+            tuple(cell) if cell else None,
+            Dot(**dot) if dot else None,
         )
 
 
@@ -88,6 +116,14 @@ def sample_scene(rng: random.Random, image: str) -> Scene:
     has_label = rng.random() < 0.5
     label = "".join(rng.choice(LABEL_CHARS) for _ in range(2)) if has_label else None
     return Scene(image, objects, label, cells[4] if has_label else None)
+
+
+def add_dot(scene: Scene, rng: random.Random) -> Scene:
+    """``scene`` with a tiny dot of a random colour in one of its empty cells (no object, no label), off-centre."""
+    used = {(o.row, o.col) for o in scene.objects} | ({scene.label_cell} if scene.label_cell else set())
+    row, col = rng.choice([(r, c) for r in range(GRID) for c in range(GRID) if (r, c) not in used])
+    dot = Dot(rng.choice(list(COLORS)), row, col, round(rng.uniform(-0.3, 0.3), 3), round(rng.uniform(-0.3, 0.3), 3))
+    return replace(scene, dot=dot)
 
 
 def object_box(obj: Obj, size: int) -> tuple[float, float, float]:
@@ -113,6 +149,10 @@ def render(scene: Scene, size: int) -> Image.Image:
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
         else:
             draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=color)
+    if scene.dot:
+        d, r = scene.dot, max(1.0, size * DOT_RADIUS)
+        cx, cy = (d.col + 0.5 + d.dx) * cell, (d.row + 0.5 + d.dy) * cell
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[d.color])
     if scene.label:
         font = ImageFont.load_default(size=max(6, round(cell * 0.45)))
         row, col = scene.label_cell
@@ -123,11 +163,12 @@ def render(scene: Scene, size: int) -> Image.Image:
 def caption(scene: Scene) -> str:
     parts = [f"a {o.size} {o.color} {o.shape} at the {o.position}" for o in scene.objects]
     text = "There is " + ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1] + "."
-    return text + (
+    text += (
         f' The text "{scene.label}" is written at the {POSITIONS[scene.label_cell[0]][scene.label_cell[1]]}.'
         if scene.label
         else ""
     )
+    return text + (f" A tiny {scene.dot.color} dot is at the {scene.dot.position}." if scene.dot else "")
 
 
 def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
@@ -150,6 +191,8 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     absent = [(c, s) for c in COLORS for s in SHAPES if not any(o.color == c and o.shape == s for o in scene.objects)]
     color, shape = rng.choice(absent)
     out.append(("existence", f"Is there a {color} {shape} in the image?", "no"))
+    if scene.dot:
+        out.append((DETAIL, "What color is the tiny dot?", scene.dot.color))
     return out
 
 
@@ -165,6 +208,8 @@ def answer_from_scene(scene: Scene, family: str, question: str) -> str:
         return str(len(scene.objects))
     if family == "text":
         return scene.label or ""
+    if family == DETAIL:
+        return scene.dot.color if scene.dot else ""
     if family == "color":
         return next(o.color for o in scene.objects if o.shape == words[-1])
     if family == "shape":
@@ -180,8 +225,11 @@ def scene_rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"{seed}/{split}/{index}")
 
 
-def generate(out: Path, num_train: int = 1000, num_eval: int = 200, image_size: int = 64, seed: int = 0) -> dict:
-    """Write the dataset under ``out`` (see the module docstring); returns counts per file."""
+def generate(
+    out: Path, num_train: int = 1000, num_eval: int = 200, image_size: int = 64, seed: int = 0, detail: bool = False
+) -> dict:
+    """Write the dataset under ``out`` (see the module docstring; ``detail``: a tiny dot per scene, drawn from its own
+    random source so that everything else is the default world's); returns counts per file."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "eval").mkdir(parents=True, exist_ok=True)
     pretrain, instruct, eval_q, eval_a, scenes = [], [], [], [], []
@@ -189,6 +237,8 @@ def generate(out: Path, num_train: int = 1000, num_eval: int = 200, image_size: 
         for i in range(count):
             rng = scene_rng(seed, split, i)
             scene = sample_scene(rng, f"images/{split}_{i:06d}.png")
+            if detail:
+                scene = add_dot(scene, random.Random(f"{seed}/{split}/{i}/{DETAIL}"))
             render(scene, image_size).save(out / scene.image)
             scenes.append(scene.to_json())
             qa = questions(scene, rng)
@@ -258,8 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-eval", type=int, default=200)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--detail", action="store_true", help="a tiny dot per scene and its question family")
     args = parser.parse_args(argv)
-    counts = generate(args.out, args.num_train, args.num_eval, args.image_size, args.seed)
+    counts = generate(args.out, args.num_train, args.num_eval, args.image_size, args.seed, args.detail)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 

@@ -1,15 +1,17 @@
-"""``python -m llava_stf.demo compare``: the six projectors on the generated world, same budget and seeds.
+"""``python -m llava_stf.demo compare``: the projectors on the generated world, same budget and seeds.
 
 Each (projector, seed) runs the demo pipeline (``pipeline.run_pipeline``) with identical settings except
 ``projector_type`` and ``seed``: the same generated world (data seed 0), the same pre-trained vision tower, a tiny
 LLM initialised from the seed and pre-trained on the world's text, the same epochs / batch / learning rates for both
 stages. Runs are cached like the demo's (the demo's own run of the same preset is reused, e.g.
-``mbtf_stf-seed0-captions`` of ``python -m llava_stf.demo --captions``). Writes into ``--results``
+``mbtf_stf-seed0-detail`` of ``python -m llava_stf.demo --detail``). Writes into ``--results``
 (default ``<out>/compare``): ``results.csv`` (one row per run), ``results.md`` (mean and spread over seeds per
 projector and question family, and the same for each run's blank-image control) and ``results.png`` (accuracy
 against visual tokens and against prefill FLOPs, one panel per family; matplotlib, Agg backend). The world is not
-tuned for any projector. It measures the caption-LLM recipe (``--captions``, ``pipeline.CAPTIONS``: why) unless
-``--cells``, ``--fast`` or ``--long`` picks another of the demo's presets (``pipeline.PRESETS``) for every run.
+tuned for any projector. It measures the caption-LLM recipe on a world with a fine-detail family (``--detail``,
+``pipeline.DETAIL``: a tiny dot per scene, smaller than a tower patch, and 200 held-out scenes; ``pipeline.CAPTIONS``
+says why not the cell-word LLM) unless ``--cells``, ``--captions``, ``--fast`` or ``--long`` picks another of the
+demo's presets (``pipeline.PRESETS``) for every run.
 
 Trained against training-free compression: each seed's ``mlp2x_gelu`` checkpoint is also evaluated with the
 reducers of ``--reducers`` (default ``REDUCERS``) at ``--reducer-tokens`` image tokens (default: a quarter of its
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import logging
 import os
 import statistics
@@ -28,26 +31,45 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..data.synthetic import FAMILIES
+from ..data.synthetic import ALL_FAMILIES, DETAIL, FAMILIES
 from ..errors import UserError
 from .paired import paired_difference
 from .pipeline import PRESETS, DemoSettings, RunReport, add_preset_flags, evaluate_reduced, preset_suffix, run_pipeline
+from .token_probe import ATTRIBUTES, probe_tokens
+from .world import digest
 
-PROJECTORS = ("mlp2x_gelu", "avgpool", "token_concat", "stf", "mbtf", "mbtf_stf")
+# The paper's six (its Table 5 ablations and the LLaVA-1.5 baseline) and TokenPacker, a trained 4x peer.
+PROJECTORS = ("mlp2x_gelu", "avgpool", "token_concat", "stf", "mbtf", "mbtf_stf", "tokenpacker")
 # Training-free reducers run on the trained mlp2x_gelu checkpoints at the compressed projectors' budget: pooling and
 # random selection (the floors), and three 2025 selectors from the reducer lab (vision-side: any LLM depth works).
 REDUCERS = ("pool", "random", "visionzip", "divprune", "vispruner")
 BASE = "mlp2x_gelu"  # the uncompressed projector whose checkpoints the reducers reduce
-METRICS = ("accuracy", *(f"accuracy_{f}" for f in FAMILIES))
+METRICS = ("accuracy", *(f"accuracy_{f}" for f in ALL_FAMILIES))
 BLANK = tuple(f"blank_{k}" for k in METRICS)  # the same checkpoints on the blank-image control
+PROBES = tuple(f"probe_{a}" for a in ATTRIBUTES)  # what the image tokens carry (``token_probe``), trained rows only
 
 
-def row(report: RunReport, projector: str, seed: int) -> dict[str, Any]:
-    m, b = report.metrics, report.blank_metrics
+def row(report: RunReport, projector: str, seed: int, probes: dict[str, float] | None = None) -> dict[str, Any]:
+    m, b, p = report.metrics, report.blank_metrics, probes or {}
     return {"projector": projector, "seed": seed, "visual_tokens": report.image_tokens, "prefill_flops": report.flops,
             "llm_visual_flops": report.llm_visual_flops,
             **{k: round(m[k], 2) if k in m else "" for k in METRICS}, "questions": m["questions"],
-            **{f"blank_{k}": round(b[k], 2) if k in b else "" for k in METRICS}}  # fmt: skip
+            **{f"blank_{k}": round(b[k], 2) if k in b else "" for k in METRICS},
+            **{k: round(p[k], 2) if k in p else "" for k in PROBES}}  # fmt: skip
+
+
+def probes(report: RunReport) -> dict[str, float]:
+    """``token_probe.probe_tokens`` of a run's checkpoint, kept next to it (``token_probe.json``) for the same
+    checkpoint (the digest of its stage marker) and world; {} for a world of one's own (no scene descriptions)."""
+    if report.world.staged is not None:
+        return {}
+    key = {"stage": digest(report.checkpoint / "demo_stage.json"), "world": report.world.keys["train"]}
+    path = report.checkpoint.parent / "token_probe.json"
+    if path.is_file() and json.loads(path.read_text()).get("key") == key:
+        return json.loads(path.read_text())["probes"]
+    found = probe_tokens(report.checkpoint, report.world.root)
+    path.write_text(json.dumps({"key": key, "probes": found}, indent=1))
+    return found
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -56,8 +78,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for projector in dict.fromkeys(r["projector"] for r in rows):
         mine = [r for r in rows if r["projector"] == projector]
         stats = {}
-        for k in (*METRICS, *BLANK):
-            values = [float(r[k]) for r in mine if r[k] != ""]
+        for k in (*METRICS, *BLANK, *PROBES):
+            values = [float(r[k]) for r in mine if r.get(k, "") != ""]
             if values:
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
                 stats[k] = (statistics.fmean(values), std, min(values), max(values))
@@ -74,8 +96,14 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def families(groups: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The world's question families: ``FAMILIES``, and ``DETAIL`` where some run has answers for it."""
+    return (*FAMILIES, *([DETAIL] if any(f"accuracy_{DETAIL}" in g["stats"] for g in groups) else []))
+
+
 def _table(groups: list[dict[str, Any]], keys: tuple[str, ...]) -> list[str]:
-    names = ["all", *FAMILIES]
+    names = ["all", *families(groups)]
+    keys = keys[: len(names)]  # METRICS / BLANK order: "all", then ALL_FAMILIES (DETAIL last)
     lines = ["| projector | visual tokens | prefill MFLOPs | LLM MFLOPs on visual tokens | " + " | ".join(names) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(names)]  # fmt: skip
     for g in groups:
@@ -111,14 +139,37 @@ def write_markdown(path: Path, groups: list[dict[str, Any]], note: str,
     """The accuracy table, the paired differences against ``BASE`` (from ``rows``, the per-run rows), the
     blank-image control table of the same checkpoints, and how to read them."""
     spread = max((g["stats"]["accuracy"][3] - g["stats"]["accuracy"][2] for g in groups), default=0.0)
+    worst = max(groups, key=lambda g: g["stats"]["accuracy"][1])
+    questions = sorted({int(r["questions"]) for r in rows or []})
     lines = [*_table(groups, METRICS), "",
-             f"Exact-match accuracy (%) on the held-out questions, mean ± sample std over {groups[0]['seeds']} "
-             f"seed(s) per projector; the largest min-max spread of overall accuracy across seeds is {spread:.1f} "
-             "points.", *paired_lines(rows or []), "",
+             f"Exact-match accuracy (%) on the held-out questions"
+             f"{' (' + '/'.join(map(str, questions)) + ' per run)' if questions else ''}, mean ± sample std over "
+             f"{groups[0]['seeds']} seed(s) per projector; the largest sample std of overall accuracy across seeds "
+             f"is {worst['stats']['accuracy'][1]:.1f} points ({worst['projector']}), the largest min-max spread "
+             f"{spread:.1f} points.", *paired_lines(rows or []), "",
              "Blank-image control: the same checkpoints, every question asked about a blank canvas (what each model "
              "answers from the question alone; the gap to the table above is what it reads from the image):", "",
-             *_table(groups, BLANK), "", note]  # fmt: skip
+             *_table(groups, BLANK), *probe_lines(groups), "", note]  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
+
+
+def probe_lines(groups: list[dict[str, Any]]) -> list[str]:
+    """The table of what each trained projector's image tokens carry (``token_probe``); none without probes."""
+    names = [a for a in ATTRIBUTES if any(f"probe_{a}" in g["stats"] for g in groups)]
+    measured = [g for g in groups if any(f"probe_{a}" in g["stats"] for a in names)]
+    if not measured:
+        return []
+    head = {"dot": "tiny dot's colour", "color": "object colour", "shape": "object shape"}
+    lines = ["", "What the image tokens carry: held-out accuracy (%) of a linear probe on each trained checkpoint's "
+             "image tokens (tower + projector, what its LLM reads), at the token covering the tiny dot's centre or an "
+             "object's centre (`llava_stf/demo/token_probe.py`; mean ± sample std over seeds; chance: colour 16.7, "
+             "shape 25):", "", "| projector | visual tokens | " + " | ".join(head[a] for a in names) + " |",
+             "|---|---:|" + "---:|" * len(names)]  # fmt: skip
+    for g in measured:
+        cells = [f"{g['stats'][k][0]:.1f} ± {g['stats'][k][1]:.1f}" if (k := f"probe_{a}") in g["stats"] else "—"
+                 for a in names]  # fmt: skip
+        lines.append(f"| {g['projector']} | {g['visual_tokens']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(path: Path, groups: list[dict[str, Any]]) -> None:
@@ -130,7 +181,7 @@ def plot(path: Path, groups: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    names = ["all", *FAMILIES]
+    names = ["all", *families(groups)]
     fig, axes = plt.subplots(2, len(names), figsize=(3 * len(names), 6), squeeze=False)
     for col, (key, title) in enumerate(zip(METRICS, names)):
         for row_i, (xkey, xlabel, scale) in enumerate((("visual_tokens", "visual tokens", 1.0),
@@ -164,12 +215,13 @@ def plot(path: Path, groups: list[dict[str, Any]]) -> None:
 
 def compare(out: Path, results: Path, settings: DemoSettings, projectors: list[str], seeds: list[int],
             progress: bool = True, suffix: str = "", reducers: tuple[str, ...] = (),
-            reducer_tokens: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+            reducer_tokens: int | None = None, jobs: int = 1) -> list[dict[str, Any]]:  # fmt: skip
     """Run (or reuse) every (projector, seed) as ``<projector>-seed<seed><suffix>``; write results.* to ``results``.
 
     ``reducers``: training-free reducers evaluated on each seed's ``mlp2x_gelu`` checkpoint (it must be among
     ``projectors``) at ``reducer_tokens`` image tokens (default: a quarter of its count, the paper's 4x), as rows
     ``mlp2x_gelu+<reducer>@<tokens>``: trained and training-free compression on the same world, side by side.
+    ``jobs`` > 1: that many runs at a time in worker processes (``fill_side_by_side``); the results are the same.
     """
     from ..model.reducers import REDUCERS as REGISTRY
 
@@ -179,12 +231,14 @@ def compare(out: Path, results: Path, settings: DemoSettings, projectors: list[s
     if reducers and BASE not in projectors:
         raise UserError(f"--reducers reduce the {BASE} checkpoints: add {BASE} to --projectors or pass --reducers")
     rows, start, bases = [], time.perf_counter(), []
+    if jobs > 1:  # fill the run caches side by side; the loop below then reads every run back in order
+        fill_side_by_side(out, settings, projectors, seeds, suffix, reducers, reducer_tokens, jobs)
     for projector in projectors:
         for seed in seeds:
             s = dataclasses.replace(settings, projector_type=projector, seed=seed)
             print(f"== {projector} seed {seed} ({time.perf_counter() - start:.0f} s so far)", flush=True)
             report = run_pipeline(out, s, f"{projector}-seed{seed}{suffix}", progress)
-            rows.append(row(report, projector, seed))
+            rows.append(row(report, projector, seed, probes(report)))
             bases += [(report, s)] if projector == BASE else []
     for report, s in bases:
         tokens = reducer_tokens or max(1, report.image_tokens // 4)
@@ -194,8 +248,11 @@ def compare(out: Path, results: Path, settings: DemoSettings, projectors: list[s
             rows.append(row(reduced, f"{BASE}+{reducer}@{tokens}", s.seed))
     results.mkdir(parents=True, exist_ok=True)
     groups = aggregate(rows)
-    note = (f"Budget per run: stage 1 {settings.stage1_epochs} epoch(s), stage 2 {settings.stage2_epochs} epoch(s) "
-            f"on {settings.num_train} generated scenes, batch {settings.batch_size}; {len(rows)} runs took "
+    world = (f"{settings.image_size}-px scenes ({settings.num_train} for training, {settings.num_eval} held out"
+             + (", each with a tiny dot of about 4 % of the image side across, smaller than a tower patch, asked "
+                "about by the `detail` family" if settings.detail else "") + ")")  # fmt: skip
+    note = (f"World: {world}. Budget per run: stage 1 {settings.stage1_epochs} epoch(s), stage 2 "
+            f"{settings.stage2_epochs} epoch(s), batch {settings.batch_size}; {len(rows)} runs took "
             f"{time.perf_counter() - start:.0f} s in this invocation (cached runs count ~0).")  # fmt: skip
     if bases and reducers:
         note += (f" Rows `{BASE}+<reducer>@<N>`: the trained {BASE} checkpoints of the same seeds with a training-free "
@@ -208,6 +265,57 @@ def compare(out: Path, results: Path, settings: DemoSettings, projectors: list[s
     return rows
 
 
+def _worker_setup(threads: int) -> None:
+    """A worker process: ``threads`` torch threads, the demo's allocator setting, its quiet logging."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from .malloc import keep_freed_memory
+
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _fill_one(task: tuple[Path, DemoSettings, str, tuple[str, ...], int | None]) -> str:
+    """One (projector, seed) run in a worker: trained and evaluated (or found cached), its token probes, and the
+    reducer evaluations of a ``BASE`` run, all into the caches ``compare`` reads back."""
+    out, s, suffix, reducers, reducer_tokens = task
+    name = f"{s.projector_type}-seed{s.seed}{suffix}"
+    clock = time.perf_counter()
+    report = run_pipeline(out, s, name, progress=False)
+    probes(report)
+    if s.projector_type == BASE:
+        for reducer in reducers:
+            evaluate_reduced(report, out, s, reducer, reducer_tokens or max(1, report.image_tokens // 4))
+    return f"{name}: {report.metrics['accuracy']:.1f} % ({time.perf_counter() - clock:.0f} s)"
+
+
+def fill_side_by_side(out: Path, settings: DemoSettings, projectors: list[str], seeds: list[int], suffix: str,
+                      reducers: tuple[str, ...], reducer_tokens: int | None, jobs: int) -> None:  # fmt: skip
+    """Every (projector, seed) run, ``jobs`` at a time in spawned processes with ``os.cpu_count() // jobs`` torch
+    threads each (on 2 cores two one-thread runs finish ~1.3x sooner than one after the other with two threads, with
+    the same losses and answers). The world, the tower and each seed's LLM are built first, here, so that no two
+    workers build the same thing."""
+    import multiprocessing
+
+    from .pipeline import prepare_shared
+
+    for seed in seeds:
+        prepare_shared(out, dataclasses.replace(settings, seed=seed))
+    tasks = [(out, dataclasses.replace(settings, projector_type=p, seed=seed), suffix, reducers, reducer_tokens)
+             for p in projectors for seed in seeds]  # fmt: skip
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"== {len(tasks)} runs, {jobs} at a time ({threads} thread(s) each)", flush=True)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool or locks inherited
+    with context.Pool(jobs, initializer=_worker_setup, initargs=(threads,)) as pool:
+        for done in pool.imap_unordered(_fill_one, tasks):
+            print(f"== done {done}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llava_stf.demo compare", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("playground/demo"), help="artifact folder (shared with demo)")
@@ -218,9 +326,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"training-free reducers on the {BASE} checkpoints (default: {' '.join(REDUCERS)}; "
                         "none: pass the flag alone)")  # fmt: skip
     parser.add_argument("--reducer-tokens", type=int, help=f"their image-token budget (default: a quarter of {BASE}'s)")
-    add_preset_flags(parser, default="captions")  # see pipeline.CAPTIONS: why not the cell-word LLM
+    add_preset_flags(parser, default="detail")  # see pipeline.CAPTIONS: why not the cell-word LLM
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each in its own process with "
+                        "cpu_count / jobs threads (default 2: on 2 cores ~1.3x sooner, the same results; 1: one "
+                        "after the other in this process)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
     if BASE not in args.projectors and "--reducers" not in argv:
         args.reducers = []  # the default reducers need the mlp2x_gelu runs; asked for explicitly, that is an error
     if args.reducer_tokens is not None and args.reducer_tokens < 1:
@@ -243,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         preset_suffix(args.preset),
         tuple(args.reducers),
         args.reducer_tokens,
+        args.jobs,
     )
     return 0
 
@@ -253,8 +367,12 @@ __all__ = [
     "REDUCERS",
     "aggregate",
     "compare",
+    "fill_side_by_side",
+    "families",
     "main",
     "paired_lines",
+    "probe_lines",
+    "probes",
     "plot",
     "write_csv",
     "write_markdown",

@@ -64,6 +64,7 @@ class DemoSettings:
     num_eval: int = 100  # held-out scenes (about 9 questions each)
     image_size: int = 96  # with 16-px patches: a 6 x 6 patch grid, 3 x 3 after the 4x projectors = the scene's cells
     data_seed: int = 0  # the world; kept fixed across training seeds
+    detail: bool = False  # one tiny dot per scene and its "detail" questions (``data.synthetic``; the comparison's)
     vision: VisionSettings = field(default_factory=lambda: VisionSettings(image_size=96, patch_size=16))
     # The LLM. "cells": the pre-built tiny Vicuna that reads scenes written in cell words (``scene_llm``; one for
     # every training seed, as LLaVA starts every run from the same Vicuna). "captions": a tiny Llama pre-trained here,
@@ -122,12 +123,16 @@ CAPTIONS = DemoSettings(image_size=64, vision=VisionSettings(), llm="captions", 
 # stage 2. Batch 16 learns to bind a question's words to image positions far more slowly than 64
 # (``scripts/binding_toy.py``), and ~500 steps at 64 are needed: ~350 steps left the model where that recipe is.
 LONG = replace(CAPTIONS, num_train=3000, batch_size=64, stage1_epochs=1.0, stage2_epochs=10.0)
-PRESETS = {"default": DemoSettings(), "captions": CAPTIONS, "fast": FAST, "long": LONG}
+# The projector comparison's world (``compare``): the caption recipe on a world where fine detail matters (a tiny dot
+# per scene, smaller than a tower patch: what a 4x compression may blur) and 200 held-out scenes (~2,000 questions:
+# fewer leave each run's accuracy with a sampling error of ~1.5 points, most of the 2-point spread allowed).
+DETAIL = replace(CAPTIONS, detail=True, num_eval=200)
+PRESETS = {"default": DemoSettings(), "captions": CAPTIONS, "fast": FAST, "long": LONG, "detail": DETAIL}
 
 
 def add_preset_flags(parser: argparse.ArgumentParser, default: str = "default") -> None:
-    """``--cells`` / ``--fast`` / ``--captions`` / ``--long`` set ``args.preset``, a key of ``PRESETS`` (none:
-    ``default``)."""
+    """``--cells`` / ``--fast`` / ``--captions`` / ``--long`` / ``--detail`` set ``args.preset``, a key of
+    ``PRESETS`` (none: ``default``)."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--cells", dest="preset", action="store_const", const="default", default=default,
                        help="the demo's default recipe: 96-px world, the pre-built cell-word LLM")  # fmt: skip
@@ -137,6 +142,8 @@ def add_preset_flags(parser: argparse.ArgumentParser, default: str = "default") 
                        "recipe: 64-px world, a tiny LLM pre-trained here on the world's captions")  # fmt: skip
     group.add_argument("--long", dest="preset", action="store_const", const="long", help="the --captions recipe at "
                        "batch 64 on 3,000 scenes, ~3x the stage-2 samples, about 6 min on 2 cores")  # fmt: skip
+    group.add_argument("--detail", dest="preset", action="store_const", const="detail", help="the --captions"
+                       " recipe on a world with a tiny dot per scene, 200 held-out scenes (compare's)")  # fmt: skip
 
 
 def preset_suffix(preset: str) -> str:
@@ -156,12 +163,13 @@ def prepare_data(out: Path, s: DemoSettings) -> Path:
     """Generate the world into ``out/synthetic`` unless the same settings were generated there."""
     folder, wanted = out / "synthetic", {"num_train": s.num_train, "num_eval": s.num_eval,
                                          "image_size": s.image_size, "seed": s.data_seed}  # fmt: skip
+    wanted |= {"detail": True} if s.detail else {}  # the default world's marker (and so its cache keys) unchanged
     marker = folder / "demo_data.json"
-    if _cached(marker, wanted):
+    if _cached(marker, wanted) and bool(json.loads(marker.read_text()).get("detail")) == s.detail:
         logger.info("reusing the generated world in %s", folder)
         return folder
     marker.unlink(missing_ok=True)
-    counts = generate(folder, s.num_train, s.num_eval, s.image_size, s.data_seed)
+    counts = generate(folder, s.num_train, s.num_eval, s.image_size, s.data_seed, s.detail)
     logger.info("generated %s", counts)
     marker.write_text(json.dumps(wanted, indent=1))
     return folder
@@ -338,6 +346,14 @@ def format_loss(loss: float | None) -> str:
     return "n/a" if loss is None else f"{loss:.3f}"
 
 
+def prepare_shared(out: Path, s: DemoSettings, progress: bool = False) -> None:
+    """The steps runs of the same world share (the generated world, the vision tower, the LLM of ``s.seed``), done
+    now so that runs started side by side (``compare --jobs``) find them built instead of building them together."""
+    world = generated_world(prepare_data(out.resolve(), s), s.image_size)
+    pretrain_vision_tower(world, out.resolve() / "vision", s.vision, progress=progress)
+    prepare_llm(out.resolve(), world, s, progress=progress)
+
+
 def run_pipeline(out: Path, s: DemoSettings, name: str = "demo", progress: bool = True,
                  data: Path | None = None, files: dict[str, Path | None] | None = None) -> RunReport:  # fmt: skip
     """Data, vision tower, LLM, both stages and the evaluation of one model; reuses every valid step.
@@ -427,10 +443,12 @@ def evaluate_reduced(report: RunReport, out: Path, s: DemoSettings, reducer: str
 
 __all__ = [
     "CAPTIONS",
+    "DETAIL",
     "FAST",
     "LONG",
     "PRESETS",
     "USER_WORLD",
+    "prepare_shared",
     "DemoSettings",
     "RunReport",
     "add_preset_flags",

@@ -12,6 +12,8 @@ from llava_stf.data.conversation import normalize_record
 from llava_stf.data.synthetic import (
     BACKGROUND,
     BLANK_SPLIT,
+    COLORS,
+    DETAIL,
     FAMILIES,
     Scene,
     answer_from_scene,
@@ -102,3 +104,33 @@ def test_blank_control_asks_the_same_questions_about_an_empty_canvas(world):
     # Rewritten from the current eval split (a world generated before the control existed gets it later).
     (out / f"eval/{BLANK_SPLIT}.jsonl").unlink()
     assert write_blank_split(out, 48).read_text().splitlines() == [json.dumps(q) for q in blank]
+
+
+def test_detail_world_is_the_default_world_plus_one_tiny_dot_per_scene(world, tmp_path):
+    out, _ = world
+    counts = generate(tmp_path / "detail", num_train=40, num_eval=12, image_size=48, seed=3, detail=True)
+    plain = [json.loads(line) for line in (out / "scenes.jsonl").read_text().splitlines()]
+    dotted = [json.loads(line) for line in (tmp_path / "detail" / "scenes.jsonl").read_text().splitlines()]
+    assert all("dot" not in s for s in plain)  # the default world's files do not change
+    assert [{k: v for k, v in s.items() if k != "dot"} for s in dotted] == plain
+    for record in dotted:
+        scene = Scene.from_json(record)
+        used = {(o.row, o.col) for o in scene.objects} | {scene.label_cell}
+        assert scene.dot is not None and (scene.dot.row, scene.dot.col) not in used  # an empty cell
+        cell = 48 / 3
+        x, y = (scene.dot.col + 0.5 + scene.dot.dx) * cell, (scene.dot.row + 0.5 + scene.dot.dy) * cell
+        with Image.open(tmp_path / "detail" / scene.image) as image:
+            assert image.getpixel((int(x), int(y))) == COLORS[scene.dot.color]  # drawn where it says
+            assert image.getpixel((int(x) + 4, int(y))) == BACKGROUND  # and tiny: 4 px away is background
+    captions = json.loads((tmp_path / "detail" / "pretrain.json").read_text())
+    assert all(f"A tiny {Scene.from_json(s).dot.color} dot is at the " in c["conversations"][1]["value"]
+               for s, c in zip(dotted, captions))  # fmt: skip
+    questions = [json.loads(x) for x in (tmp_path / "detail" / "eval" / "questions.jsonl").read_text().splitlines()]
+    answers = [json.loads(x) for x in (tmp_path / "detail" / "eval" / "answers.jsonl").read_text().splitlines()]
+    scenes = {s["image"]: Scene.from_json(s) for s in dotted}
+    detail = [(q, a) for q, a in zip(questions, answers) if q["category"] == DETAIL]
+    assert len(detail) == 12 and counts["eval_questions"] == 12 + len(
+        (out / "eval" / "questions.jsonl").read_text().splitlines()
+    )
+    for q, a in detail:
+        assert a["answer"] == scenes[q["image"]].dot.color == answer_from_scene(scenes[q["image"]], DETAIL, q["text"])

@@ -37,7 +37,13 @@ def test_compare_writes_table_csv_and_plot(demo_out, tmp_path, capsys) -> None:
     assert int(rows[0]["llm_visual_flops"]) > 3 * int(rows[2]["llm_visual_flops"]) > 0
     table = (results / "results.md").read_text()
     assert "| mlp2x_gelu | 64 |" in table and "| mbtf_stf | 16 |" in table and "over 2 seed(s)" in table
-    assert all(f" {f} " in table.splitlines()[0] for f in FAMILIES)
+    assert all(f" {f} " in table.splitlines()[0] for f in FAMILIES) and " detail " not in table.splitlines()[0]
+    probed = table.split("What the image tokens carry")[1]  # trained rows only: reducers keep no token grid
+    assert "| mlp2x_gelu | 64 |" in probed and "| mbtf_stf | 16 |" in probed and "+pool" not in probed
+    assert "object colour | object shape |" in probed and "dot" not in probed.splitlines()[2]
+    assert all(0.0 <= float(r["probe_color"]) <= 100.0 for r in rows if "+" not in r["projector"])
+    assert all(r["probe_color"] == "" for r in reduced)
+    assert (demo_out / "mbtf_stf-seed1-fast" / "token_probe.json").is_file()  # kept with its checkpoint
     control = table.split("Blank-image control")[1]  # its own table, one row per projector
     assert "| mlp2x_gelu | 64 |" in control and "| mbtf_stf | 16 |" in control
     with Image.open(results / "results.png") as image:
@@ -59,3 +65,27 @@ def test_compare_reducers_need_the_uncompressed_runs(tmp_path, capsys) -> None:
     assert main(["compare", "--fast", "--out", str(tmp_path), "--reducers", "pool", "tome"]) == 1
     assert "error: unknown --reducers tome; valid reducers: dart, divprune" in capsys.readouterr().err
     assert not (tmp_path / "compare").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_runs_side_by_side_give_what_one_after_the_other_gives(tmp_path, monkeypatch, capsys) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker runs: the comparison is of the processes, not of thread counts
+    monkeypatch.setattr("os.cpu_count", lambda: 2)  # two one-thread workers whatever this machine has
+    try:
+        tables = []
+        for jobs in ("2", "1"):
+            results = tmp_path / f"results{jobs}"
+            argv = ["compare", "--fast", "--out", str(tmp_path / f"out{jobs}"), "--results", str(results),
+                    "--no-progress", "--projectors", "mlp2x_gelu", "stf", "--seeds", "0", "1", "--reducers", "pool",
+                    "--jobs", jobs]  # fmt: skip
+            assert main(argv) == 0
+            tables.append((results / "results.csv").read_text())
+    finally:
+        torch.set_num_threads(threads)
+    assert tables[0] == tables[1] and tables[0].count("\n") == 7  # 4 runs + 2 reduced rows + the header
+    out = capsys.readouterr().out
+    assert "== 4 runs, 2 at a time (1 thread(s) each)" in out and out.count("== done ") == 4
+    assert (tmp_path / "out2" / "stf-seed1-fast" / "token_probe.json").is_file()  # written by a worker
