@@ -18,7 +18,7 @@ conversations), images named relative to DIR, ``eval/questions.jsonl`` and ``eva
 ``--pretrain-file``, ``--finetune-file``, ``--questions`` and ``--answers`` name other files (relative to DIR or
 absolute). DIR is only read; its image size sets the tower's (see ``world``).
 
-``python -m llava_stf.demo compare [--seeds 0 1] [--projectors ...]`` trains the six projectors under the same
+``python -m llava_stf.demo compare [--seeds 0 1] [--projectors ...]`` trains the seven projectors under the same
 budget and seeds and writes ``results.md``, ``results.csv`` and ``results.png`` (see ``compare``).
 
 ``python -m llava_stf.demo oracle [--out playground/demo] [--seed 0]`` asks the demo's text LLM the held-out questions

@@ -115,9 +115,10 @@ FAST = DemoSettings(
 # The previous default (``--captions``): a 64-px world (8 x 8 patches, 16 tokens after the 4x projectors) and a tiny
 # Llama pre-trained here, per seed, on the world's captions and instructions (the recipe of ``--data``). It reads
 # colour and count but learns no lookups in the budget (~32 %, ``docs/demo-compare/miniature-limits.md``). The
-# projector comparison (``compare``) measures this recipe: the cell-word LLM reads 9-token scenes only (the 4x
-# projectors'), and when it read 36-token ones too the 36-token projectors did not learn to write them
-# (``mlp2x_gelu`` 27 % against ``mbtf_stf``'s 64 %): a comparison under it would rank the language, not the projectors.
+# projector comparison (``compare``) measures this recipe, on the ``DETAIL`` world below: the cell-word LLM reads
+# 9-token scenes only (the 4x projectors'), and when it read 36-token ones too the 36-token projectors did not learn
+# to write them (``mlp2x_gelu`` 27 % against ``mbtf_stf``'s 64 %): a comparison under it would rank the language, not
+# the projectors.
 CAPTIONS = DemoSettings(image_size=64, vision=VisionSettings(), llm="captions", stage1_epochs=5.0, stage2_lr=1e-3)
 # The caption recipe past the 5-minute budget (about 6 min alone on 2 cores): 4x the batch and ~3x the samples of
 # stage 2. Batch 16 learns to bind a question's words to image positions far more slowly than 64

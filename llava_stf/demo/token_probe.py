@@ -5,9 +5,10 @@ else), so accuracy alone cannot show what a projector keeps or loses. This measu
 each scene of the generated world goes through the checkpoint's tower and projector (``get_image_features``, the
 ``[tokens, D]`` the LLM receives), and one linear probe per attribute (``demo.probe.linear_probe``) is fitted on the
 training scenes and scored on the held-out ones, reading the token whose area covers a point: each object's centre
-(its ``color`` and ``shape``) and, in a ``detail`` world, the tiny dot's centre (its colour, ``dot``). A 4x projector's
-token covers 2 x 2 patches, so the dot is a sixteenth of its area, not a quarter: what survives the fusion is what
-this reads. Tokens must form a square grid in raster order (the six projectors; not a token reducer's selection).
+(its ``color`` and ``shape``) and, in a ``detail`` world, the tiny dot's centre (its colour, ``dot``). At 64 px the
+dot fills about 18 % of an 8-px patch and 4 % of the 2 x 2 patches a 4x projector fuses into one token: what survives
+the fusion is what this reads. Tokens must form a square grid in raster order (every projector of ``compare``; not a
+token reducer's selection).
 """
 
 from __future__ import annotations
