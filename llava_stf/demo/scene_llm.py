@@ -32,7 +32,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from ..data.conversation import IMAGE_TOKEN, get_template
-from ..data.synthetic import sample_scene, scene_rng
+from ..data.synthetic import GRID, sample_scene, scene_rng
 from ..errors import UserError
 from ..testing import _CORPUS, tiny_text_config, tiny_tokenizer
 from .llm import pad_batch, train_lm
@@ -159,7 +159,8 @@ def build_scene_llm(out: Path, settings: SceneLLMSettings = SceneLLMSettings(), 
     tokenizer.save_pretrained(out)
     record = {"settings": asdict(settings), "final_loss": round(loss, 4), "held_out_accuracy": result,
               "documents": len(train), "seconds": round(time.perf_counter() - start),
-              "torch": torch.__version__, "threads": torch.get_num_threads()}  # fmt: skip
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "device": str(torch.empty(0).device)}  # fmt: skip
     record["digests"] = file_digests(out)
     (out / BUILD_FILE).write_text(json.dumps(record, indent=1) + "\n")
     logger.info("scene llm: %s", result)
@@ -185,15 +186,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llava_stf.demo build-llm", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=PREBUILT, help=f"where to write it (default: {PREBUILT})")
     parser.add_argument("--steps", type=int, default=SceneLLMSettings.steps)
+    parser.add_argument("--sides", type=int, nargs="+", default=list(SceneLLMSettings.sides),
+                        help="image-token grids it reads (multiples of the world's 3; default 3: the 9 tokens of the "
+                        "4x projectors at 96 px; 3 6 also the 36 of the others)")  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="where to train it (e.g. cuda: minutes instead of ~75 min on "
+                        "2 cores; the files then differ from a CPU build's in the last bits)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    bad = [side for side in args.sides if side < 1 or side % GRID]
+    if bad:
+        raise UserError(f"--sides {' '.join(map(str, bad))}: each side must be a positive multiple of the world's "
+                        f"{GRID} x {GRID} grid")  # fmt: skip
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file, not a folder")
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:  # an unknown name, or a device this torch or machine lacks
+        raise UserError(f"--device {args.device}: {str(err).splitlines()[0]}") from None
     torch.set_num_threads(BUILD_THREADS)  # the shipped digests are for this count: other counts differ in the last bits
-    settings = SceneLLMSettings(steps=args.steps)
-    folder = build_scene_llm(args.out, settings, progress=not args.no_progress)
+    settings = SceneLLMSettings(steps=args.steps, sides=tuple(dict.fromkeys(args.sides)))
+    with device:  # every tensor of the build (model, batches, cell-word tables) is made there
+        folder = build_scene_llm(args.out, settings, progress=not args.no_progress)
     record = json.loads((folder / BUILD_FILE).read_text())
     print(
         f"built {folder} in {record['seconds']} s: held-out accuracy given the true cells {record['held_out_accuracy']}"

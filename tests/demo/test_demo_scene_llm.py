@@ -170,3 +170,35 @@ def test_build_llm_bad_input_is_one_line_before_any_work(tmp_path, capsys) -> No
         f"error: --out {tmp_path / 'file'} is a file, not a folder",
     ]
     assert not (tmp_path / "llm").exists()
+
+
+def test_build_llm_sides_and_device_reach_the_build(tmp_path, monkeypatch, capsys) -> None:
+    """``build-llm --sides 3 6 --device cpu`` builds those grids with every tensor made on that device; a side that is
+    no multiple of the world's grid, an unknown device or one this machine lacks is one line before any work."""
+    import torch
+
+    import llava_stf.demo.scene_llm as scene_llm
+    from llava_stf.demo.__main__ import main
+
+    seen = []
+
+    def fake_build(out, settings, progress=False):
+        seen.append((settings.sides, settings.steps, torch.empty(0).device.type))
+        out.mkdir(parents=True)
+        (out / BUILD_FILE).write_text(json.dumps({"seconds": 0, "held_out_accuracy": {"overall": 0.0}}))
+        return out
+
+    monkeypatch.setattr(scene_llm, "build_scene_llm", fake_build)
+    assert (
+        main(["build-llm", "--out", str(tmp_path / "a"), "--steps", "5", "--sides", "3", "6", "--device", "cpu"]) == 0
+    )
+    assert seen == [((3, 6), 5, "cpu")]
+    assert main(["build-llm", "--out", str(tmp_path / "b"), "--sides", "3", "4"]) == 1
+    assert main(["build-llm", "--out", str(tmp_path / "c"), "--device", "gpu"]) == 1
+    if not torch.cuda.is_available():  # a device this machine lacks
+        assert main(["build-llm", "--out", str(tmp_path / "d"), "--device", "cuda"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "error: --sides 4: each side must be a positive multiple of the world's 3 x 3 grid"
+    assert err[1].startswith("error: --device gpu: ")
+    assert err[2:] == [] if torch.cuda.is_available() else err[2].startswith("error: --device cuda: ") and len(err) == 3
+    assert len(seen) == 1 and not any((tmp_path / name).exists() for name in "bcd")
