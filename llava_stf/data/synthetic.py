@@ -46,7 +46,7 @@ NUMBER_WORDS = ["zero", "one", "two", "three", "four"]
 FAMILIES = ("color", "shape", "position", "count", "text", "existence")
 DETAIL = "detail"  # the family of ``generate(detail=True)``'s tiny dot
 ALL_FAMILIES = (*FAMILIES, DETAIL)
-DOT_RADIUS = 0.03  # of the image side: 1.9 px at 64 px, a quarter of an 8-px patch across
+DOT_RADIUS = 0.03  # of the image side: 1.9 px at 64 px, a dot ~4 px across, half an 8-px patch
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 BACKGROUND = (235, 235, 235)
 BLANK_SPLIT = "questions_blank"  # question-file stem of the blank-image control (``write_blank_split``)
