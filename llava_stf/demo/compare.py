@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..data.synthetic import ALL_FAMILIES, DETAIL, FAMILIES
+from ..data.synthetic import ALL_FAMILIES, DETAIL, DOT_RADIUS, FAMILIES
 from ..errors import UserError
 from .paired import paired_difference
 from .pipeline import PRESETS, DemoSettings, RunReport, add_preset_flags, evaluate_reduced, preset_suffix, run_pipeline
@@ -249,8 +249,8 @@ def compare(out: Path, results: Path, settings: DemoSettings, projectors: list[s
     results.mkdir(parents=True, exist_ok=True)
     groups = aggregate(rows)
     world = (f"{settings.image_size}-px scenes ({settings.num_train} for training, {settings.num_eval} held out"
-             + (", each with a tiny dot of about 4 % of the image side across, smaller than a tower patch, asked "
-                "about by the `detail` family" if settings.detail else "") + ")")  # fmt: skip
+             + (f", each with a tiny dot {2 * DOT_RADIUS:.0%} of the image side across, smaller than a tower patch, "
+                "asked about by the `detail` family" if settings.detail else "") + ")")  # fmt: skip
     note = (f"World: {world}. Budget per run: stage 1 {settings.stage1_epochs} epoch(s), stage 2 "
             f"{settings.stage2_epochs} epoch(s), batch {settings.batch_size}; {len(rows)} runs took "
             f"{time.perf_counter() - start:.0f} s in this invocation (cached runs count ~0).")  # fmt: skip
