@@ -2,7 +2,7 @@
 
 Each image is a scene on a 3x3 grid: 1-4 coloured shapes (circle, square, triangle, diamond; small or large) and,
 in some scenes, a two-character label (digits / capital letters) drawn small, so reading it needs fine detail.
-With ``detail=True`` every scene also holds one tiny dot (about 3 % of the image side across, smaller than a
+With ``detail=True`` every scene also holds one tiny dot (6 % of the image side across, smaller than a
 vision-tower patch) at a random place in an empty cell, asked about by the ``detail`` family ("What color is the
 tiny dot?"): a small object whose colour a 4x token compression may blur. Off by default (the default world is
 unchanged, file for file).

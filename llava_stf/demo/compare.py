@@ -65,11 +65,17 @@ def probes(report: RunReport) -> dict[str, float]:
         return {}
     key = {"stage": digest(report.checkpoint / "demo_stage.json"), "world": report.world.keys["train"]}
     path = report.checkpoint.parent / "token_probe.json"
-    if path.is_file() and json.loads(path.read_text()).get("key") == key:
-        return json.loads(path.read_text())["probes"]
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("key") == key:
+        return saved["probes"]
     found = probe_tokens(report.checkpoint, report.world.root)
     path.write_text(json.dumps({"key": key, "probes": found}, indent=1))
     return found
+
+
+def reducer_budget(report: RunReport, reducer_tokens: int | None) -> int:
+    """The reducers' image-token budget on ``report``'s checkpoint: ``reducer_tokens``, else a quarter of its count."""
+    return reducer_tokens or max(1, report.image_tokens // 4)
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -241,7 +247,7 @@ def compare(out: Path, results: Path, settings: DemoSettings, projectors: list[s
             rows.append(row(report, projector, seed, probes(report)))
             bases += [(report, s)] if projector == BASE else []
     for report, s in bases:
-        tokens = reducer_tokens or max(1, report.image_tokens // 4)
+        tokens = reducer_budget(report, reducer_tokens)
         for reducer in reducers:
             print(f"== {BASE} seed {s.seed} + {reducer} at {tokens} tokens, no training", flush=True)
             reduced = evaluate_reduced(report, out, s, reducer, tokens, progress)
@@ -290,7 +296,7 @@ def _fill_one(task: tuple[Path, DemoSettings, str, tuple[str, ...], int | None])
     probes(report)
     if s.projector_type == BASE:
         for reducer in reducers:
-            evaluate_reduced(report, out, s, reducer, reducer_tokens or max(1, report.image_tokens // 4))
+            evaluate_reduced(report, out, s, reducer, reducer_budget(report, reducer_tokens))
     return f"{name}: {report.metrics['accuracy']:.1f} % ({time.perf_counter() - clock:.0f} s)"
 
 
@@ -373,6 +379,7 @@ __all__ = [
     "paired_lines",
     "probe_lines",
     "probes",
+    "reducer_budget",
     "plot",
     "write_csv",
     "write_markdown",

@@ -162,17 +162,19 @@ def _cached(marker: Path, wanted: dict[str, Any]) -> bool:
 
 def prepare_data(out: Path, s: DemoSettings) -> Path:
     """Generate the world into ``out/synthetic`` unless the same settings were generated there."""
+    # "detail" None (a world without the dot) is not written: the default world's marker, and so its cache keys, are
+    # as before, and a marker without the key matches only a world without the dot
     folder, wanted = out / "synthetic", {"num_train": s.num_train, "num_eval": s.num_eval,
-                                         "image_size": s.image_size, "seed": s.data_seed}  # fmt: skip
-    wanted |= {"detail": True} if s.detail else {}  # the default world's marker (and so its cache keys) unchanged
+                                         "image_size": s.image_size, "seed": s.data_seed,
+                                         "detail": True if s.detail else None}  # fmt: skip
     marker = folder / "demo_data.json"
-    if _cached(marker, wanted) and bool(json.loads(marker.read_text()).get("detail")) == s.detail:
+    if _cached(marker, wanted):
         logger.info("reusing the generated world in %s", folder)
         return folder
     marker.unlink(missing_ok=True)
     counts = generate(folder, s.num_train, s.num_eval, s.image_size, s.data_seed, s.detail)
     logger.info("generated %s", counts)
-    marker.write_text(json.dumps(wanted, indent=1))
+    marker.write_text(json.dumps({k: v for k, v in wanted.items() if v is not None}, indent=1))
     return folder
 
 
