@@ -64,6 +64,8 @@ def test_compare_reducers_need_the_uncompressed_runs(tmp_path, capsys) -> None:
     assert "--reducer-tokens must be at least 1" in capsys.readouterr().err
     assert main(["compare", "--fast", "--out", str(tmp_path), "--reducers", "pool", "tome"]) == 1
     assert "error: unknown --reducers tome; valid reducers: dart, divprune" in capsys.readouterr().err
+    assert main(["compare", "--fast", "--out", str(tmp_path), "--jobs", "0"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --jobs must be at least 1, got 0"
     assert not (tmp_path / "compare").exists()  # refused before any work
 
 
