@@ -60,3 +60,19 @@ def test_the_tables_have_a_detail_column_only_for_a_world_with_one(tmp_path) -> 
     plain = [{k: v for k, v in r.items() if "detail" not in k} for r in rows]
     write_markdown(path, aggregate(plain), "note", plain)
     assert path.read_text().splitlines()[0].endswith("| existence |")
+
+
+def test_one_caption_llm_for_every_training_seed_when_llm_seed_is_set(tmp_path) -> None:
+    from llava_stf.demo.pipeline import prepare_llm
+    from llava_stf.demo.world import generated_world
+
+    s = replace(FAST, num_train=6, num_eval=2)
+    world = generated_world(prepare_data(tmp_path, s), s.image_size)
+    own = [prepare_llm(tmp_path, world, replace(s, seed=seed)) for seed in (0, 1)]
+    assert [p.name for p in own] == ["llm-seed0", "llm-seed1"]  # None: one LLM per training seed, as before
+    built = (own[0] / "model.safetensors").stat().st_mtime_ns
+    assert (own[0] / "model.safetensors").read_bytes() != (own[1] / "model.safetensors").read_bytes()
+    shared = [prepare_llm(tmp_path, world, replace(s, seed=seed, llm_seed=0)) for seed in (1, 2)]
+    assert shared == [own[0], own[0]] and not (tmp_path / "llm-seed2").exists()
+    assert (own[0] / "model.safetensors").stat().st_mtime_ns == built  # found, not built again
+    assert json.loads((own[0] / "demo_llm.json").read_text())["seed"] == 0
