@@ -1,9 +1,10 @@
 """``python -m llava_stf.demo compare``: the projectors on the generated world, same budget and seeds.
 
 Each (projector, seed) runs the demo pipeline (``pipeline.run_pipeline``) with identical settings except
-``projector_type`` and ``seed``: the same generated world (data seed 0), the same pre-trained vision tower, a tiny
-LLM initialised from the seed and pre-trained on the world's text, the same epochs / batch / learning rates for both
-stages. Runs are cached like the demo's (the demo's own run of the same preset is reused, e.g.
+``projector_type`` and ``seed``: the same generated world (data seed 0), the same pre-trained vision tower, the same
+tiny LLM pre-trained on the world's text (seed 0's for every seed, ``DemoSettings.llm_seed``, as LLaVA starts every
+run from the same Vicuna; presets without it pre-train one per seed), the same epochs / batch / learning rates for
+both stages. Runs are cached like the demo's (the demo's own run of the same preset is reused, e.g.
 ``mbtf_stf-seed0-detail`` of ``python -m llava_stf.demo --detail``). Writes into ``--results``
 (default ``<out>/compare``): ``results.csv`` (one row per run), ``results.md`` (mean and spread over seeds per
 projector and question family, and the same for each run's blank-image control) and ``results.png`` (accuracy
@@ -257,7 +258,8 @@ def compare(out: Path, results: Path, settings: DemoSettings, projectors: list[s
     world = (f"{settings.image_size}-px scenes ({settings.num_train} for training, {settings.num_eval} held out"
              + (f", each with a tiny dot {2 * DOT_RADIUS:.0%} of the image side across, smaller than a tower patch, "
                 "asked about by the `detail` family" if settings.detail else "") + ")")  # fmt: skip
-    note = (f"World: {world}. Budget per run: stage 1 {settings.stage1_epochs} epoch(s), stage 2 "
+    llm = "" if settings.llm_seed is None else f" One LLM, seed {settings.llm_seed}'s, for every training seed."
+    note = (f"World: {world}.{llm} Budget per run: stage 1 {settings.stage1_epochs} epoch(s), stage 2 "
             f"{settings.stage2_epochs} epoch(s), batch {settings.batch_size}; {len(rows)} runs took "
             f"{time.perf_counter() - start:.0f} s in this invocation (cached runs count ~0).")  # fmt: skip
     if bases and reducers:

@@ -37,6 +37,7 @@ def test_compare_writes_table_csv_and_plot(demo_out, tmp_path, capsys) -> None:
     assert int(rows[0]["llm_visual_flops"]) > 3 * int(rows[2]["llm_visual_flops"]) > 0
     table = (results / "results.md").read_text()
     assert "| mlp2x_gelu | 64 |" in table and "| mbtf_stf | 16 |" in table and "over 2 seed(s)" in table
+    assert "One LLM" not in table  # --fast pre-trains one LLM per seed (DemoSettings.llm_seed None)
     assert all(f" {f} " in table.splitlines()[0] for f in FAMILIES) and " detail " not in table.splitlines()[0]
     probed = table.split("What the image tokens carry")[1]  # trained rows only: reducers keep no token grid
     assert "| mlp2x_gelu | 64 |" in probed and "| mbtf_stf | 16 |" in probed and "+pool" not in probed
