@@ -152,8 +152,8 @@ def add_preset_flags(parser: argparse.ArgumentParser, default: str = "default") 
     group.add_argument("--long", dest="preset", action="store_const", const="long", help="the --captions recipe at "
                        "batch 64 on 3,000 scenes, ~3x the stage-2 samples, about 6 min on 2 cores")  # fmt: skip
     group.add_argument("--detail", dest="preset", action="store_const", const="detail", help="the --captions"
-                       " recipe with stages of 3 and 7 epochs on a world with a tiny dot per scene, 200 held-out "
-                       "scenes (compare's)")  # fmt: skip
+                       " recipe with stages of 3 and 7 epochs and seed 0's LLM for every seed, on a world with a "
+                       "tiny dot per scene, 200 held-out scenes (compare's)")  # fmt: skip
 
 
 def preset_suffix(preset: str) -> str:
