@@ -133,7 +133,7 @@ LONG = replace(CAPTIONS, num_train=3000, batch_size=64, stage1_epochs=1.0, stage
 # of 3 and 7 epochs instead of 5 and 10 fit 21 runs in the 45 minutes asked of the comparison: ~30 % less per run
 # (seed 0, two runs side by side, one thread each: mlp2x_gelu 27.0 against 27.8 %, avgpool 26.5 against 25.8 %).
 # One LLM (seed 0) for every training seed, as LLaVA starts every run from the same Vicuna: with one per seed the
-# LLM's own seed moved every projector together (avgpool 26.5 / 23.7 / 22.6 % for seeds 0 / 1 / 2, std 2.0; with
+# LLM's own seed moved the projectors together (avgpool 26.5 / 23.7 / 22.6 % for seeds 0 / 1 / 2, std 2.0; with
 # seed 0's LLM, seeds 1 and 2 gave 24.8 and 24.8 %).
 DETAIL = replace(CAPTIONS, detail=True, num_eval=200, stage1_epochs=3.0, stage2_epochs=7.0, llm_seed=0)
 PRESETS = {"default": DemoSettings(), "captions": CAPTIONS, "fast": FAST, "long": LONG, "detail": DETAIL}
