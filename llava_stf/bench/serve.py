@@ -15,8 +15,12 @@ batching and fewer image tokens save in generation itself, without the HTTP and 
 cores with it, and its answers must equal the served ones. Targets (CPU, demo-size checkpoints): requests/s at
 concurrency 16 >= 4x concurrency 1, and an ``mbtf_stf`` checkpoint >= 1.5x an ``mlp2x_gelu`` one at concurrency 16
 (projectors read from each checkpoint's config), each printed as ``meets`` or ``MISSES``; the engine's ratios are
-printed beside them. The exit status is 1 when a request failed or
-got other than one answer, or answers changed with the level; missed targets are reported, not failed.
+printed beside them, and two ceilings that explain a miss: the most requests/s the clients themselves can send (all
+of them are asyncio tasks in this one process, so one core at the CPU per request they used at the top level), and
+the ratio of the checkpoints' LLM prompt tokens per request (``usage`` of one non-streamed request: text and image
+tokens), the most fewer image tokens can save where the LLM's prefill is the whole cost. The exit status is 1 when a
+request failed or got other than one answer, or answers changed with the level; missed targets are reported, not
+failed.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pathlib import Path
 
 from ..errors import UserError, add_debug_flag, run_main
 from .serve_engine import EngineLevel, measure_engine
-from .serve_load import Level, ServerProcess, demo_questions, generated_questions, run_level
+from .serve_load import Level, ServerProcess, demo_questions, generated_questions, prompt_usage, run_level
 
 SCALING_TARGET = 4.0  # requests/s at the highest level over the lowest
 PROJECTOR_TARGET = 1.5  # mbtf_stf over mlp2x_gelu at the highest level
@@ -48,6 +52,8 @@ class Run:
     levels: list[Level]
     consistent: bool  # each question got the same answer at every level (and from the engine alone)
     engine: list[EngineLevel] = field(default_factory=list)  # the engine alone, batch sizes = the levels
+    prompt_tokens: int | None = None  # per request, image tokens included (usage of one request)
+    image_tokens: int | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +96,7 @@ def measure(path: Path, args: argparse.Namespace, questions) -> Run:
         warm = run_level(server, questions, 1, 2, args.time_limit, args.max_tokens, args.timeout)
         if warm.errors:
             raise UserError(f"{path}: the warm-up request failed: {warm.outcomes[0].error}")
+        prompt, images = prompt_usage(server, questions[0], args.max_tokens)
         levels = []
         for concurrency in args.levels:
             levels.append(
@@ -111,7 +118,7 @@ def measure(path: Path, args: argparse.Namespace, questions) -> Run:
             file=sys.stderr,
         )
     consistent = all(len(found) == 1 for found in answers.values())
-    return Run(path, server.model_id, projector_of(path), levels, consistent, engine)
+    return Run(path, server.model_id, projector_of(path), levels, consistent, engine, prompt, images)
 
 
 def table(runs: Sequence[Run]) -> str:
@@ -208,6 +215,31 @@ def targets(runs: Sequence[Run]) -> list[str]:
     return lines
 
 
+def ceilings(runs: Sequence[Run]) -> list[str]:
+    """What bounds the targets on this machine: the clients' own CPU, and the LLM prompt tokens per request."""
+    lines = []
+    for run in runs:
+        low, high = run.levels[0], run.levels[-1]
+        if len(run.levels) < 2 or not high.outcomes or high.client_cpu <= 0 or not low.rps:
+            continue
+        ms = 1000 * high.client_cpu / len(high.outcomes)
+        cap = 1000 / ms
+        lines.append(
+            f"{run.model_id}: the clients (asyncio tasks in this one process) used {ms:.1f} ms of CPU per request at "
+            f"c{high.concurrency}: on one core they can send at most {cap:.0f} requests/s, "
+            f"{cap / low.rps:.2f}x c{low.concurrency}"
+        )
+    by_projector = {run.projector: run for run in runs if run.prompt_tokens}
+    if "mbtf_stf" in by_projector and "mlp2x_gelu" in by_projector:
+        base, fast = by_projector["mlp2x_gelu"], by_projector["mbtf_stf"]
+        lines.append(
+            f"LLM prompt tokens per request: mlp2x_gelu {base.prompt_tokens} ({base.image_tokens} image), mbtf_stf "
+            f"{fast.prompt_tokens} ({fast.image_tokens} image): {base.prompt_tokens / fast.prompt_tokens:.2f}x, the "
+            "most fewer image tokens can save where the LLM's prefill is the whole cost"
+        )
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     if any(level < 1 for level in args.levels) or args.requests < 1 or args.max_tokens < 1 or args.questions < 1:
         raise UserError("--levels, --requests, --max-tokens and --questions must be >= 1")
@@ -221,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     runs = [measure(path, args, questions) for path in args.model_path]
     load_after = os.getloadavg()
     print(table(runs))
-    for line in targets(runs):
+    for line in [*targets(runs), *ceilings(runs)]:
         print(line)
     if any(r.engine for r in runs):
         print(engine_table([r for r in runs if r.engine], args.server_threads))
@@ -260,12 +292,15 @@ def _record(runs: Sequence[Run], before, after) -> dict:
         "load_after": after,
         "targets": targets(runs),
         "engine_ratios": engine_ratios(runs),
+        "ceilings": ceilings(runs),
         "runs": [
             {
                 "model_id": r.model_id,
                 "path": str(r.path),
                 "projector": r.projector,
                 "consistent": r.consistent,
+                "prompt_tokens": r.prompt_tokens,
+                "image_tokens": r.image_tokens,
                 "engine": [{"batch": e.batch, "ms_per_request": e.ms_per_request} for e in r.engine],
                 "levels": [
                     {

@@ -222,6 +222,18 @@ async def ask(client: Any, model: str, question: Question, max_tokens: int, inde
     return outcome
 
 
+def prompt_usage(server: ServerProcess, question: Question, max_tokens: int) -> tuple[int, int]:
+    """``(prompt tokens, image tokens)`` the server reports in ``usage`` for ``question`` (one non-streamed request
+    with the official sync client): what the LLM's prefill reads per request."""
+    import openai
+
+    with openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0) as client:
+        reply = client.chat.completions.create(
+            model=server.model_id, messages=question.messages(), max_tokens=max_tokens, temperature=0
+        )
+    return reply.usage.prompt_tokens, int(getattr(reply.usage, "image_tokens", 0) or 0)
+
+
 def run_level(
     server: ServerProcess,
     questions: Sequence[Question],
@@ -276,5 +288,6 @@ __all__ = [
     "demo_questions",
     "generated_questions",
     "percentile",
+    "prompt_usage",
     "run_level",
 ]

@@ -28,10 +28,13 @@ def test_the_load_test_runs_with_no_errors(tmp_path, capsys) -> None:
     assert "c3 / c1 requests/s" in out and "answers identical at every level and from the engine alone: yes" in out
     assert "load average" in out and "engine alone (ServeEngine.run in this process, 1 torch thread(s)" in out
     assert "engine alone, batch 3 / batch 1 requests/s = " in out
+    assert "the clients (asyncio tasks in this one process) used " in out and " ms of CPU per request at c3" in out
     record = json.loads((tmp_path / "out.json").read_text())
     assert [level["errors"] for level in record["runs"][0]["levels"]] == [0, 0]
     assert [e["batch"] for e in record["runs"][0]["engine"]] == [1, 3]
     assert all(e["ms_per_request"] > 0 for e in record["runs"][0]["engine"])
+    tiny = record["runs"][0]
+    assert tiny["prompt_tokens"] > tiny["image_tokens"] > 0  # the usage of one request, image placeholders included
 
 
 def test_the_engine_alone_answers_as_one_at_a_time(tmp_path) -> None:
@@ -61,6 +64,27 @@ def test_targets_say_meets_or_misses() -> None:
     lines = serve.targets([run("mlp2x_gelu", (2.0, 6.0)), run("mbtf_stf", (2.0, 9.0))])
     assert lines[0].endswith("3.00x (target >= 4x): MISSES") and lines[1].endswith("4.50x (target >= 4x): meets")
     assert lines[2] == "mbtf_stf / mlp2x_gelu requests/s at c16 = 1.50x (target >= 1.5x): meets"
+
+
+def test_ceilings_bound_the_targets_by_the_clients_cpu_and_the_prompt_tokens() -> None:
+    def run(projector: str, rps: tuple[float, float], client_cpu: float, prompt: int, image: int) -> serve.Run:
+        levels = [Level(c, [Outcome(i) for i in range(10)], seconds=10 / r) for c, r in zip((1, 16), rps)]
+        levels[-1].client_cpu = client_cpu  # seconds for its 10 requests
+        return serve.Run(Path(projector), projector, projector, levels, True, [], prompt, image)
+
+    lines = serve.ceilings([run("mlp2x_gelu", (25.0, 60.0), 0.1, 88, 36), run("mbtf_stf", (20.0, 60.0), 0.125, 61, 9)])
+    assert lines[0] == (
+        "mlp2x_gelu: the clients (asyncio tasks in this one process) used 10.0 ms of CPU per request at c16: "
+        "on one core they can send at most 100 requests/s, 4.00x c1"
+    )
+    assert lines[1].endswith(
+        "12.5 ms of CPU per request at c16: on one core they can send at most 80 requests/s, 4.00x c1"
+    )
+    assert lines[2] == (
+        "LLM prompt tokens per request: mlp2x_gelu 88 (36 image), mbtf_stf 61 (9 image): 1.44x, the most fewer "
+        "image tokens can save where the LLM's prefill is the whole cost"
+    )
+    assert serve.ceilings([run("stf", (25.0, 60.0), 0.0, 61, 9)]) == []  # no client CPU measured: no ceiling
 
 
 def test_demo_questions_carry_their_images(tmp_path) -> None:
