@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: 7B-shaped bf16 latency, parity, LoRA training throughput and a DeepSpeed ZeRO-2 step, one report.
-#   scripts/gpu_check.sh [--dry-run] [--out DIR]
+# The GPU check: 7B-shaped bf16 latency, parity, LoRA training throughput and a DeepSpeed ZeRO-2 step, one report;
+# --serve: only the served load test at 7B shapes (bench.serve_random), its own report.
+#   scripts/gpu_check.sh [--serve] [--dry-run] [--out DIR]
 # On the GPU machine: the Python packages it lacks (transformers at the tested version, deepspeed and their needs)
 # come as wheels in .whl/ (see scripts/gpu_wheels.sh and the README's Development section); they are installed into
 # /tmp/site on top of the machine's own torch, and the project runs from this checkout. The report goes to $OUT when

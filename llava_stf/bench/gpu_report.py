@@ -58,14 +58,17 @@ def targets(results: list[dict]) -> list[str]:
         tied += "" if not tied else f"{r['tokens_equal_or_tie_batch_vs_single']:.0%} (target >= 99%)"
         lines.append(f"{variant}: batch vs one by one, identical greedy tokens on "
                      f"{r['tokens_equal_batch_vs_single']:.0%} of prompts{tied}")  # fmt: skip
+    served = by.get("served load test, random weights") or {}
+    lines += [f"served: {line}" for line in [*served.get("targets", []), *served.get("ceilings", [])]]
     return lines or ["no step produced the figures the targets need"]
 
 
-def report(results: list[dict], dry_run: bool, total: float) -> str:
+def report(results: list[dict], dry_run: bool, total: float, serve: bool = False) -> str:
     today = datetime.date.today().isoformat()
     head = "GPU check (dry run: CPU, tiny shapes; figures not judged)" if dry_run else "GPU check"
     out = [f"# {head}, {today}", "", f"- machine: {machine()}", f"- versions: {versions()}",
-           f"- command: `scripts/gpu_check.sh{' --dry-run' if dry_run else ''}`, {total:.0f} s in all", "",
+           f"- command: `scripts/gpu_check.sh{' --serve' if serve else ''}{' --dry-run' if dry_run else ''}`, "
+           f"{total:.0f} s in all", "",
            "## Targets", "", *[f"- {line}" for line in targets(results)], ""]  # fmt: skip
     for r in results:
         step = r["step"]

@@ -19,8 +19,8 @@ printed beside them, and two ceilings that explain a miss: the most requests/s t
 of them are asyncio tasks in this one process, so one core at the CPU per request they used at the top level), and
 the ratio of the checkpoints' LLM prompt tokens per request (``usage`` of one non-streamed request: text and image
 tokens), the most fewer image tokens can save where the LLM's prefill is the whole cost. The exit status is 1 when a
-request failed or got other than one answer, or answers changed with the level; missed targets are reported, not
-failed.
+request failed or got other than one answer, or answers changed with the level (``--no-answer-check``: reported
+only); missed targets are reported, not failed.
 """
 
 from __future__ import annotations
@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--engine-repeats", type=int, default=3, help="timed passes of the engine alone per batch size (0: skip it)"
+    )
+    parser.add_argument(
+        "--no-answer-check",
+        dest="answer_check",
+        action="store_false",
+        help="report, do not fail on, answers that change with the level (random weights in 16 bits: near-ties)",
     )
     parser.add_argument("--server-args", default="", help="more server flags, e.g. '--max-batch 8 --batch-window-ms 5'")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -279,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
                     )
     if args.json:
         args.json.write_text(json.dumps(_record(runs, load_before, load_after), indent=1))
-    return 1 if failed or not all(r.consistent for r in runs) else 0
+    return 1 if failed or (args.answer_check and not all(r.consistent for r in runs)) else 0
 
 
 def _load(values: tuple[float, float, float]) -> str:

@@ -38,6 +38,20 @@ def test_dry_run_writes_a_report_with_every_step(tmp_path):
     assert "torch " in text and "transformers 5." in text  # versions recorded
 
 
+@pytest.mark.slow
+def test_serve_dry_run_writes_its_own_report_with_the_served_targets(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    done = subprocess.run([ROOT / "scripts" / "gpu_check.sh", "--serve", "--dry-run", "--out", tmp_path], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (report,) = tmp_path.glob("*-dry-run-serve.md")  # beside the full check's report, not over it
+    text = report.read_text()
+    assert "`scripts/gpu_check.sh --serve --dry-run`" in text and "## served load test, random weights: ok (" in text
+    assert "- served: mbtf_stf / mlp2x_gelu requests/s at c2 = " in text
+    assert "- served: LLM prompt tokens per request: mlp2x_gelu " in text and "## latency" not in text
+
+
 def test_without_a_gpu_the_real_run_refuses_in_one_line(tmp_path):
     from llava_stf.bench import gpu_check
 
