@@ -30,30 +30,13 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError, add_debug_flag, run_main
-from .serve_engine import EngineLevel, measure_engine
-from .serve_load import Level, ServerProcess, demo_questions, generated_questions, prompt_usage, run_level
-
-SCALING_TARGET = 4.0  # requests/s at the highest level over the lowest
-PROJECTOR_TARGET = 1.5  # mbtf_stf over mlp2x_gelu at the highest level
-
-
-@dataclass
-class Run:
-    """One checkpoint's levels."""
-
-    path: Path
-    model_id: str
-    projector: str | None
-    levels: list[Level]
-    consistent: bool  # each question got the same answer at every level (and from the engine alone)
-    engine: list[EngineLevel] = field(default_factory=list)  # the engine alone, batch sizes = the levels
-    prompt_tokens: int | None = None  # per request, image tokens included (usage of one request)
-    image_tokens: int | None = None
+from .serve_engine import measure_engine
+from .serve_load import ServerProcess, demo_questions, generated_questions, prompt_usage, run_level
+from .serve_report import Run, engine_table, load_text, record, table
+from .serve_targets import ceilings, engine_ratios, targets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,125 +110,6 @@ def measure(path: Path, args: argparse.Namespace, questions) -> Run:
     return Run(path, server.model_id, projector_of(path), levels, consistent, engine, prompt, images)
 
 
-def table(runs: Sequence[Run]) -> str:
-    header = ["model", "projector", "conc", "requests", "req/s", "p50 lat s", "p99 lat s", "p50 TTFT s", "errors"]
-    header += ["1 answer each", "mean batch", "busy", "CPU ms/req server+clients"]
-    rows = [header]
-    for run in runs:
-        for level in run.levels:
-            rows.append(
-                [
-                    run.model_id,
-                    run.projector or "?",
-                    str(level.concurrency),
-                    f"{len(level.done)}/{len(level.outcomes)}",
-                    f"{level.rps:.2f}",
-                    f"{level.latency(0.5):.3f}",
-                    f"{level.latency(0.99):.3f}",
-                    f"{level.ttft(0.5):.3f}",
-                    str(level.errors),
-                    "yes" if level.one_answer_each else "NO",
-                    f"{level.mean_batch:.1f}",
-                    f"{level.busy:.0%}",
-                    _cpu(level),
-                ]
-            )
-    return _columns(rows)
-
-
-def _columns(rows: list[list[str]]) -> str:
-    """Rows of cells as left-aligned columns."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
-
-
-def engine_table(runs: Sequence[Run], threads: int) -> str:
-    """The engine alone: milliseconds per request at each batch size, and the speed-up over the smallest batch."""
-    rows = [["model", "projector", "batch", "ms/request", f"vs batch {runs[0].engine[0].batch}"]]
-    for run in runs:
-        for level in run.engine:
-            speedup = run.engine[0].ms_per_request / level.ms_per_request if level.ms_per_request else 0.0
-            rows.append(
-                [run.model_id, run.projector or "?", str(level.batch), f"{level.ms_per_request:.2f}", f"{speedup:.2f}x"]
-            )
-    title = f"engine alone (ServeEngine.run in this process, {threads} torch thread(s), no HTTP or client CPU):"
-    return title + "\n" + _columns(rows)
-
-
-def engine_ratios(runs: Sequence[Run]) -> list[str]:
-    """What the engine alone gives, beside the targets (not targets themselves: those are the served rates)."""
-    lines = []
-    for run in runs:
-        if len(run.engine) > 1:
-            low, high = run.engine[0], run.engine[-1]
-            lines.append(
-                f"{run.model_id}: engine alone, batch {high.batch} / batch {low.batch} requests/s = "
-                f"{low.ms_per_request / high.ms_per_request:.2f}x"
-            )
-    by_projector = {run.projector: run for run in runs if run.engine}
-    if "mbtf_stf" in by_projector and "mlp2x_gelu" in by_projector:
-        fast, base = by_projector["mbtf_stf"].engine[-1], by_projector["mlp2x_gelu"].engine[-1]
-        lines.append(
-            f"mbtf_stf / mlp2x_gelu engine alone requests/s at batch {fast.batch} = "
-            f"{base.ms_per_request / fast.ms_per_request:.2f}x"
-        )
-    return lines
-
-
-def _cpu(level: Level) -> str:
-    n = max(len(level.outcomes), 1)
-    server = "?" if level.server_cpu is None else f"{1000 * level.server_cpu / n:.1f}"
-    return f"{server}+{1000 * level.client_cpu / n:.1f}"
-
-
-def targets(runs: Sequence[Run]) -> list[str]:
-    """The issue's targets, each ``meets`` or ``MISSES``."""
-    lines = []
-    for run in runs:
-        low, high = run.levels[0], run.levels[-1]
-        ratio = high.rps / low.rps if low.rps else 0.0
-        verdict = "meets" if ratio >= SCALING_TARGET else "MISSES"
-        lines.append(
-            f"{run.model_id}: c{high.concurrency} / c{low.concurrency} requests/s = {ratio:.2f}x "
-            f"(target >= {SCALING_TARGET:g}x): {verdict}"
-        )
-    by_projector = {run.projector: run for run in runs}
-    if "mbtf_stf" in by_projector and "mlp2x_gelu" in by_projector:
-        fast, base = by_projector["mbtf_stf"].levels[-1], by_projector["mlp2x_gelu"].levels[-1]
-        ratio = fast.rps / base.rps if base.rps else 0.0
-        verdict = "meets" if ratio >= PROJECTOR_TARGET else "MISSES"
-        lines.append(
-            f"mbtf_stf / mlp2x_gelu requests/s at c{fast.concurrency} = {ratio:.2f}x "
-            f"(target >= {PROJECTOR_TARGET:g}x): {verdict}"
-        )
-    return lines
-
-
-def ceilings(runs: Sequence[Run]) -> list[str]:
-    """What bounds the targets on this machine: the clients' own CPU, and the LLM prompt tokens per request."""
-    lines = []
-    for run in runs:
-        low, high = run.levels[0], run.levels[-1]
-        if len(run.levels) < 2 or not high.outcomes or high.client_cpu <= 0 or not low.rps:
-            continue
-        ms = 1000 * high.client_cpu / len(high.outcomes)
-        cap = 1000 / ms
-        lines.append(
-            f"{run.model_id}: the clients (asyncio tasks in this one process) used {ms:.1f} ms of CPU per request at "
-            f"c{high.concurrency}: on one core they can send at most {cap:.0f} requests/s, "
-            f"{cap / low.rps:.2f}x c{low.concurrency}"
-        )
-    by_projector = {run.projector: run for run in runs if run.prompt_tokens}
-    if "mbtf_stf" in by_projector and "mlp2x_gelu" in by_projector:
-        base, fast = by_projector["mlp2x_gelu"], by_projector["mbtf_stf"]
-        lines.append(
-            f"LLM prompt tokens per request: mlp2x_gelu {base.prompt_tokens} ({base.image_tokens} image), mbtf_stf "
-            f"{fast.prompt_tokens} ({fast.image_tokens} image): {base.prompt_tokens / fast.prompt_tokens:.2f}x, the "
-            "most fewer image tokens can save where the LLM's prefill is the whole cost"
-        )
-    return lines
-
-
 def run(args: argparse.Namespace) -> int:
     if any(level < 1 for level in args.levels) or args.requests < 1 or args.max_tokens < 1 or args.questions < 1:
         raise UserError("--levels, --requests, --max-tokens and --questions must be >= 1")
@@ -268,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
     for run_ in runs:
         also = " and from the engine alone" if run_.engine else ""
         print(f"{run_.model_id}: answers identical at every level{also}: {'yes' if run_.consistent else 'NO'}")
-    print(f"load average (1/5/15 min): before {_load(load_before)}, after {_load(load_after)}; {os.cpu_count()} CPUs")
+    before, after = load_text(load_before), load_text(load_after)
+    print(f"load average (1/5/15 min): before {before}, after {after}; {os.cpu_count()} CPUs")
     failed = [
         f"{r.model_id} c{level.concurrency}"
         for r in runs
@@ -284,51 +149,8 @@ def run(args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
     if args.json:
-        args.json.write_text(json.dumps(_record(runs, load_before, load_after), indent=1))
+        args.json.write_text(json.dumps(record(runs, load_before, load_after), indent=1))
     return 1 if failed or (args.answer_check and not all(r.consistent for r in runs)) else 0
-
-
-def _load(values: tuple[float, float, float]) -> str:
-    return " ".join(f"{v:.2f}" for v in values)
-
-
-def _record(runs: Sequence[Run], before, after) -> dict:
-    return {
-        "load_before": before,
-        "load_after": after,
-        "targets": targets(runs),
-        "engine_ratios": engine_ratios(runs),
-        "ceilings": ceilings(runs),
-        "runs": [
-            {
-                "model_id": r.model_id,
-                "path": str(r.path),
-                "projector": r.projector,
-                "consistent": r.consistent,
-                "prompt_tokens": r.prompt_tokens,
-                "image_tokens": r.image_tokens,
-                "engine": [{"batch": e.batch, "ms_per_request": e.ms_per_request} for e in r.engine],
-                "levels": [
-                    {
-                        "concurrency": lv.concurrency,
-                        "requests": len(lv.outcomes),
-                        "rps": lv.rps,
-                        "p50_latency": lv.latency(0.5),
-                        "p99_latency": lv.latency(0.99),
-                        "p50_ttft": lv.ttft(0.5),
-                        "errors": lv.errors,
-                        "one_answer_each": lv.one_answer_each,
-                        "mean_batch": lv.mean_batch,
-                        "busy": lv.busy,
-                        "server_cpu_s": lv.server_cpu,
-                        "client_cpu_s": lv.client_cpu,
-                    }
-                    for lv in r.levels
-                ],
-            }
-            for r in runs
-        ],
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from llava_stf.bench import serve
+from llava_stf.bench import serve, serve_targets
 from llava_stf.bench.serve_engine import EngineLevel, measure_engine
 from llava_stf.bench.serve_load import Level, Outcome, demo_questions, generated_questions, percentile
+from llava_stf.bench.serve_report import Run
 from llava_stf.testing import make_image, save_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -47,32 +48,33 @@ def test_the_engine_alone_answers_as_one_at_a_time(tmp_path) -> None:
 
 
 def test_engine_ratios_compare_batches_and_projectors() -> None:
-    def run(projector: str, ms: tuple[float, float]) -> serve.Run:
+    def run(projector: str, ms: tuple[float, float]) -> Run:
         engine = [EngineLevel(b, m) for b, m in zip((1, 16), ms)]
-        return serve.Run(Path(projector), projector, projector, [], True, engine)
+        return Run(Path(projector), projector, projector, [], True, engine)
 
-    lines = serve.engine_ratios([run("mlp2x_gelu", (15.0, 6.0)), run("mbtf_stf", (15.0, 4.0))])
+    lines = serve_targets.engine_ratios([run("mlp2x_gelu", (15.0, 6.0)), run("mbtf_stf", (15.0, 4.0))])
     assert lines[0] == "mlp2x_gelu: engine alone, batch 16 / batch 1 requests/s = 2.50x"
     assert lines[2] == "mbtf_stf / mlp2x_gelu engine alone requests/s at batch 16 = 1.50x"
 
 
 def test_targets_say_meets_or_misses() -> None:
-    def run(projector: str, rps: tuple[float, float]) -> serve.Run:
+    def run(projector: str, rps: tuple[float, float]) -> Run:
         levels = [Level(c, [Outcome(i) for i in range(10)], seconds=10 / r) for c, r in zip((1, 16), rps)]
-        return serve.Run(Path(projector), projector, projector, levels, True)
+        return Run(Path(projector), projector, projector, levels, True)
 
-    lines = serve.targets([run("mlp2x_gelu", (2.0, 6.0)), run("mbtf_stf", (2.0, 9.0))])
+    lines = serve_targets.targets([run("mlp2x_gelu", (2.0, 6.0)), run("mbtf_stf", (2.0, 9.0))])
     assert lines[0].endswith("3.00x (target >= 4x): MISSES") and lines[1].endswith("4.50x (target >= 4x): meets")
     assert lines[2] == "mbtf_stf / mlp2x_gelu requests/s at c16 = 1.50x (target >= 1.5x): meets"
 
 
 def test_ceilings_bound_the_targets_by_the_clients_cpu_and_the_prompt_tokens() -> None:
-    def run(projector: str, rps: tuple[float, float], client_cpu: float, prompt: int, image: int) -> serve.Run:
+    def run(projector: str, rps: tuple[float, float], client_cpu: float, prompt: int, image: int) -> Run:
         levels = [Level(c, [Outcome(i) for i in range(10)], seconds=10 / r) for c, r in zip((1, 16), rps)]
         levels[-1].client_cpu = client_cpu  # seconds for its 10 requests
-        return serve.Run(Path(projector), projector, projector, levels, True, [], prompt, image)
+        return Run(Path(projector), projector, projector, levels, True, [], prompt, image)
 
-    lines = serve.ceilings([run("mlp2x_gelu", (25.0, 60.0), 0.1, 88, 36), run("mbtf_stf", (20.0, 60.0), 0.125, 61, 9)])
+    runs = [run("mlp2x_gelu", (25.0, 60.0), 0.1, 88, 36), run("mbtf_stf", (20.0, 60.0), 0.125, 61, 9)]
+    lines = serve_targets.ceilings(runs)
     assert lines[0] == (
         "mlp2x_gelu: the clients (asyncio tasks in this one process) used 10.0 ms of CPU per request at c16: "
         "on one core they can send at most 100 requests/s, 4.00x c1"
@@ -84,7 +86,7 @@ def test_ceilings_bound_the_targets_by_the_clients_cpu_and_the_prompt_tokens() -
         "LLM prompt tokens per request: mlp2x_gelu 88 (36 image), mbtf_stf 61 (9 image): 1.44x, the most fewer "
         "image tokens can save where the LLM's prefill is the whole cost"
     )
-    assert serve.ceilings([run("stf", (25.0, 60.0), 0.0, 61, 9)]) == []  # no client CPU measured: no ceiling
+    assert serve_targets.ceilings([run("stf", (25.0, 60.0), 0.0, 61, 9)]) == []  # no client CPU measured: no ceiling
 
 
 def test_demo_questions_carry_their_images(tmp_path) -> None:

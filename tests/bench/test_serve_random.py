@@ -10,6 +10,7 @@ import pytest
 
 from llava_stf.bench import serve, serve_random
 from llava_stf.bench.serve_load import Level, Outcome
+from llava_stf.bench.serve_report import Run
 
 
 def test_word_tokenizer_covers_the_vocabulary_with_the_image_token_at_its_id() -> None:
@@ -40,9 +41,9 @@ def test_random_checkpoints_are_served_and_load_tested(tmp_path) -> None:
 def test_no_answer_check_reports_answers_that_change_with_the_level(tmp_path, monkeypatch, capsys) -> None:
     (tmp_path / "config.json").write_text("{}")
 
-    def measure(path, args, questions) -> serve.Run:  # every request answered, but not the same at each level
+    def measure(path, args, questions) -> Run:  # every request answered, but not the same at each level
         levels = [Level(c, [Outcome(0, answers=1)], seconds=1.0) for c in (1, 2)]
-        return serve.Run(path, "m", "mlp2x_gelu", levels, False)
+        return Run(path, "m", "mlp2x_gelu", levels, False)
 
     monkeypatch.setattr(serve, "measure", measure)
     argv = ["--model-path", str(tmp_path), "--levels", "1", "2"]
