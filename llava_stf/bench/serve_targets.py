@@ -3,7 +3,7 @@ lowest, ``mbtf_stf`` over ``mlp2x_gelu``, the same ratios in the engine alone, a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,9 +24,8 @@ def targets(runs: Sequence[Run]) -> list[str]:
             f"{run.model_id}: c{high.concurrency} / c{low.concurrency} requests/s = {ratio:.2f}x "
             f"(target >= {SCALING_TARGET:g}x): {verdict}"
         )
-    by_projector = {run.projector: run for run in runs}
-    if "mbtf_stf" in by_projector and "mlp2x_gelu" in by_projector:
-        fast, base = by_projector["mbtf_stf"].levels[-1], by_projector["mlp2x_gelu"].levels[-1]
+    if pair := _pair(runs):
+        base, fast = pair[0].levels[-1], pair[1].levels[-1]
         ratio = fast.rps / base.rps if base.rps else 0.0
         verdict = "meets" if ratio >= PROJECTOR_TARGET else "MISSES"
         lines.append(
@@ -46,9 +45,8 @@ def engine_ratios(runs: Sequence[Run]) -> list[str]:
                 f"{run.model_id}: engine alone, batch {high.batch} / batch {low.batch} requests/s = "
                 f"{low.ms_per_request / high.ms_per_request:.2f}x"
             )
-    by_projector = {run.projector: run for run in runs if run.engine}
-    if "mbtf_stf" in by_projector and "mlp2x_gelu" in by_projector:
-        fast, base = by_projector["mbtf_stf"].engine[-1], by_projector["mlp2x_gelu"].engine[-1]
+    if pair := _pair(runs, lambda run: bool(run.engine)):
+        base, fast = pair[0].engine[-1], pair[1].engine[-1]
         lines.append(
             f"mbtf_stf / mlp2x_gelu engine alone requests/s at batch {fast.batch} = "
             f"{base.ms_per_request / fast.ms_per_request:.2f}x"
@@ -70,15 +68,22 @@ def ceilings(runs: Sequence[Run]) -> list[str]:
             f"c{high.concurrency}: on one core they can send at most {cap:.0f} requests/s, "
             f"{cap / low.rps:.2f}x c{low.concurrency}"
         )
-    by_projector = {run.projector: run for run in runs if run.prompt_tokens}
-    if "mbtf_stf" in by_projector and "mlp2x_gelu" in by_projector:
-        base, fast = by_projector["mlp2x_gelu"], by_projector["mbtf_stf"]
+    if pair := _pair(runs, lambda run: bool(run.prompt_tokens)):
+        base, fast = pair
         lines.append(
             f"LLM prompt tokens per request: mlp2x_gelu {base.prompt_tokens} ({base.image_tokens} image), mbtf_stf "
             f"{fast.prompt_tokens} ({fast.image_tokens} image): {base.prompt_tokens / fast.prompt_tokens:.2f}x, the "
             "most fewer image tokens can save where the LLM's prefill is the whole cost"
         )
     return lines
+
+
+def _pair(runs: Sequence[Run], keep: Callable[[Run], bool] = lambda run: True) -> tuple[Run, Run] | None:
+    """The ``mlp2x_gelu`` and the ``mbtf_stf`` run among those ``keep`` accepts (None unless both are there)."""
+    by_projector = {run.projector: run for run in runs if keep(run)}
+    if "mlp2x_gelu" in by_projector and "mbtf_stf" in by_projector:
+        return by_projector["mlp2x_gelu"], by_projector["mbtf_stf"]
+    return None
 
 
 __all__ = ["PROJECTOR_TARGET", "SCALING_TARGET", "ceilings", "engine_ratios", "targets"]
