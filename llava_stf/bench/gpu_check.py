@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .gpu_report import report
+from .gpu_report import SERVE_STEP, report
 
 
 @dataclass
@@ -38,9 +38,6 @@ class Step:
     module: str  # python -m llava_stf.bench.<module>
     args: list[str]
     cap: int  # seconds on the GPU (the dry run gets the same cap)
-
-
-SERVE_STEP = "served load test, random weights"
 
 
 def steps(dry_run: bool, work: Path, serve: bool = False) -> list[Step]:

@@ -9,6 +9,8 @@ import platform
 
 import torch
 
+SERVE_STEP = "served load test, random weights"  # gpu_check --serve's one step, whose targets the report lists
+
 
 def versions() -> str:
     names = ["torch", "transformers", "tokenizers", "accelerate", "peft", "deepspeed", "safetensors"]
@@ -58,7 +60,7 @@ def targets(results: list[dict]) -> list[str]:
         tied += "" if not tied else f"{r['tokens_equal_or_tie_batch_vs_single']:.0%} (target >= 99%)"
         lines.append(f"{variant}: batch vs one by one, identical greedy tokens on "
                      f"{r['tokens_equal_batch_vs_single']:.0%} of prompts{tied}")  # fmt: skip
-    served = by.get("served load test, random weights") or {}
+    served = by.get(SERVE_STEP) or {}
     lines += [f"served: {line}" for line in [*served.get("targets", []), *served.get("ceilings", [])]]
     return lines or ["no step produced the figures the targets need"]
 
@@ -84,4 +86,4 @@ def report(results: list[dict], dry_run: bool, total: float, serve: bool = False
     return "\n".join(out)
 
 
-__all__ = ["machine", "report", "targets", "versions"]
+__all__ = ["SERVE_STEP", "machine", "report", "targets", "versions"]

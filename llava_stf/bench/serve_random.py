@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from ..data.conversation import IMAGE_TOKEN
-from ..errors import add_debug_flag, run_main
+from ..errors import UserError, add_debug_flag, run_main
 from ..model import LlavaStfProcessor
+from ..testing import tiny_image_processor
 from . import serve
 from .variants import DTYPES, add_shape_arguments, base_config, build
 
@@ -73,8 +74,7 @@ def save_checkpoints(args: argparse.Namespace, work: Path) -> list[Path]:
     base = base_config(args.preset, args.size)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     tokenizer = word_tokenizer(base.text_config.vocab_size, base.image_token_index)
-    size = base.vision_config.image_size
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    image_processor = tiny_image_processor(base.vision_config.image_size)  # CLIP's preprocessing at that size
     paths = []
     for spec, config, model in build(base, list(PROJECTORS), device, dtype):
         path = work / spec
@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if any(level < 1 for level in args.levels) or args.requests < 1 or args.max_tokens < 1:
+        raise UserError("--levels, --requests and --max-tokens must be >= 1")  # before minutes of building
+    if args.device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda (the server's choices), got {args.device!r}")
     with tempfile.TemporaryDirectory(prefix="serve_random_", dir=args.work) as work:
         paths = save_checkpoints(args, Path(work))
         argv = ["--model-path", *map(str, paths), "--levels", *map(str, args.levels)]

@@ -50,3 +50,18 @@ def test_no_answer_check_reports_answers_that_change_with_the_level(tmp_path, mo
     assert serve.run(serve.build_parser().parse_args(argv)) == 1
     assert serve.run(serve.build_parser().parse_args([*argv, "--no-answer-check"])) == 0
     assert "m: answers identical at every level: NO" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--requests", "0"], "--levels, --requests and --max-tokens must be >= 1"),
+     (["--device", "cuda:0"], "--device must be cpu or cuda")],
+)  # fmt: skip
+def test_bad_arguments_are_one_error_line_before_anything_is_built(tmp_path, capsys, monkeypatch, argv, message):
+    def build(*_):
+        raise AssertionError("checkpoints built before the arguments were checked")
+
+    monkeypatch.setattr(serve_random, "save_checkpoints", build)
+    assert serve_random.main([*argv, "--work", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
